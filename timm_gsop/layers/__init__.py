@@ -1,0 +1,3 @@
+from .covariance import covariance, position_covariance
+from .isqrt_cov import IsqrtCovPool, sqrtm_newton_schulz, triu_indices, triu_vec
+from .gsop import ATTN_MODES, GSoPAttn, GSoPChannelGate, GSoPPositionGate, resolve_attn_mode

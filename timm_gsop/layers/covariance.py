@@ -1,0 +1,62 @@
+"""Covariance pooling: the second-order statistic at the heart of GSoP.
+
+Both functions take a feature map (B, C, *spatial) and never build the M x M centring matrix
+of the textbook form: they centre by subtracting a mean (or an outer product of sums), so cost and
+memory stay at one (C x M) @ (M x C) product. Under autocast they run in float32 and cast back,
+since a covariance in bf16/fp16 loses the small differences it is made of.
+"""
+import torch
+from torch import Tensor
+from timm.layers import register_notrace_function
+
+__all__ = ['covariance', 'position_covariance']
+
+
+def _covariance(x: Tensor) -> Tensor:
+    x = x.flatten(2)
+    x = x - x.mean(dim=2, keepdim=True)
+    return torch.bmm(x, x.transpose(1, 2)).div_(x.shape[2])
+
+
+@register_notrace_function
+def covariance(x: Tensor) -> Tensor:
+    """Covariance of the channels of ``x`` over its positions.
+
+    Args:
+        x: (B, C, *spatial) features, M = prod(spatial) positions.
+
+    Returns:
+        (B, C, C) matrices (1/M) * sum_m (x_m - mean)(x_m - mean)^T, in the dtype of ``x``.
+    """
+    if not torch.jit.is_scripting():
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return _covariance(x.float()).to(x.dtype)
+    return _covariance(x.float()).to(x.dtype)
+
+
+def _position_covariance(x: Tensor) -> Tensor:
+    x = x.flatten(2)  # (B, d, M)
+    m = x.shape[2]
+    s = x.sum(dim=1).unsqueeze(2)  # (B, M, 1): per-position sum over channels
+    outer = torch.bmm(s, s.transpose(1, 2))
+    return torch.baddbmm(outer, x.transpose(1, 2), x, beta=-1.0 / (m * m), alpha=1.0 / m)
+
+
+@register_notrace_function
+def position_covariance(x: Tensor) -> Tensor:
+    """Second-order statistic between positions, as GSoP's position mode defines it.
+
+    The official GSoP code centres over the d channels but normalises by the position count M:
+    (1/M) X^T X - (1/M^2) s s^T with X the (d, M) map and s = X^T 1. This equals a covariance of the
+    positions only when d == M; it is kept so that converted official weights behave as trained.
+
+    Args:
+        x: (B, d, *spatial) features, M = prod(spatial) positions.
+
+    Returns:
+        (B, M, M) matrices in the dtype of ``x``.
+    """
+    if not torch.jit.is_scripting():
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return _position_covariance(x.float()).to(x.dtype)
+    return _position_covariance(x.float()).to(x.dtype)

@@ -1,0 +1,1 @@
+from .gsop_resnet import GSoPBottleneck, GSoPResNet, checkpoint_filter_fn
