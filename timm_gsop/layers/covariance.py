@@ -12,6 +12,11 @@ from timm.layers import register_notrace_function
 __all__ = ['covariance', 'position_covariance']
 
 
+def _at_least_fp32(x: Tensor) -> Tensor:
+    # float64 stays float64 (reference and gradcheck use); half types go up to float32.
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def _covariance(x: Tensor) -> Tensor:
     x = x.flatten(2)
     x = x - x.mean(dim=2, keepdim=True)
@@ -30,8 +35,8 @@ def covariance(x: Tensor) -> Tensor:
     """
     if not torch.jit.is_scripting():
         with torch.autocast(device_type=x.device.type, enabled=False):
-            return _covariance(x.float()).to(x.dtype)
-    return _covariance(x.float()).to(x.dtype)
+            return _covariance(_at_least_fp32(x)).to(x.dtype)
+    return _covariance(_at_least_fp32(x)).to(x.dtype)
 
 
 def _position_covariance(x: Tensor) -> Tensor:
@@ -58,5 +63,5 @@ def position_covariance(x: Tensor) -> Tensor:
     """
     if not torch.jit.is_scripting():
         with torch.autocast(device_type=x.device.type, enabled=False):
-            return _position_covariance(x.float()).to(x.dtype)
-    return _position_covariance(x.float()).to(x.dtype)
+            return _position_covariance(_at_least_fp32(x)).to(x.dtype)
+    return _position_covariance(_at_least_fp32(x)).to(x.dtype)

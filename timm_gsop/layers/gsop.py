@@ -41,16 +41,20 @@ class GSoPChannelGate(nn.Module):
             reduce_stride: int = 1,
             act_layer: Type[nn.Module] = nn.ReLU,
             norm_layer: Type[nn.Module] = nn.BatchNorm2d,
+            device=None,
+            dtype=None,
     ):
         super().__init__()
-        self.conv_reduce = nn.Conv2d(channels, attn_dim, kernel_size=1, stride=reduce_stride, bias=True)
-        self.bn_reduce = norm_layer(attn_dim)
+        dd = dict(device=device, dtype=dtype)
+        self.conv_reduce = nn.Conv2d(channels, attn_dim, kernel_size=1, stride=reduce_stride, bias=True, **dd)
+        self.bn_reduce = norm_layer(attn_dim, **dd)
         self.act = act_layer(inplace=True)
         # Covariance rows are the channels of a BatchNorm2d, and each row gets its own 4 filters:
         # a grouped conv with one group per row (the paper's "row-wise convolution").
-        self.row_bn = norm_layer(attn_dim)
-        self.row_conv = nn.Conv2d(attn_dim, 4 * attn_dim, kernel_size=(attn_dim, 1), groups=attn_dim, bias=True)
-        self.fc = nn.Conv2d(4 * attn_dim, channels, kernel_size=1, bias=True)
+        self.row_bn = norm_layer(attn_dim, **dd)
+        self.row_conv = nn.Conv2d(
+            attn_dim, 4 * attn_dim, kernel_size=(attn_dim, 1), groups=attn_dim, bias=True, **dd)
+        self.fc = nn.Conv2d(4 * attn_dim, channels, kernel_size=1, bias=True, **dd)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.act(self.bn_reduce(self.conv_reduce(F.relu(x))))
@@ -69,16 +73,20 @@ class GSoPPositionGate(nn.Module):
             pool_size: int = 8,
             act_layer: Type[nn.Module] = nn.ReLU,
             norm_layer: Type[nn.Module] = nn.BatchNorm2d,
+            device=None,
+            dtype=None,
     ):
         super().__init__()
+        dd = dict(device=device, dtype=dtype)
         num_pos = pool_size * pool_size
         self.pool_size = pool_size
-        self.conv_reduce = nn.Conv2d(channels, attn_dim, kernel_size=1, bias=True)
-        self.bn_reduce = norm_layer(attn_dim)
-        self.row_bn = norm_layer(num_pos)
-        self.row_conv = nn.Conv2d(num_pos, 4 * num_pos, kernel_size=(num_pos, 1), groups=num_pos, bias=True)
+        self.conv_reduce = nn.Conv2d(channels, attn_dim, kernel_size=1, bias=True, **dd)
+        self.bn_reduce = norm_layer(attn_dim, **dd)
+        self.row_bn = norm_layer(num_pos, **dd)
+        self.row_conv = nn.Conv2d(
+            num_pos, 4 * num_pos, kernel_size=(num_pos, 1), groups=num_pos, bias=True, **dd)
         self.act = act_layer(inplace=True)
-        self.fc = nn.Conv2d(4 * num_pos, num_pos, kernel_size=1, bias=True)
+        self.fc = nn.Conv2d(4 * num_pos, num_pos, kernel_size=1, bias=True, **dd)
 
     def forward(self, x: Tensor) -> Tensor:
         out_size = (x.shape[-2], x.shape[-1])
@@ -124,8 +132,11 @@ class GSoPAttn(nn.Module):
             pool_size: int = 8,
             act_layer: Type[nn.Module] = nn.ReLU,
             norm_layer: Type[nn.Module] = nn.BatchNorm2d,
+            device=None,
+            dtype=None,
     ):
         super().__init__()
+        dd = dict(device=device, dtype=dtype)
         mode = resolve_attn_mode(attn_mode)
         if mode is None:
             raise ValueError("GSoPAttn needs an attention mode; leave the layer out for attn_mode='none'.")
@@ -135,14 +146,14 @@ class GSoPAttn(nn.Module):
         use_channel = mode != 'position'
         use_position = mode != 'channel'
         self.channel_gate = GSoPChannelGate(
-            channels, attn_dim, reduce_stride, act_layer=act_layer, norm_layer=norm_layer) if use_channel else None
+            channels, attn_dim, reduce_stride, act_layer=act_layer, norm_layer=norm_layer, **dd) if use_channel else None
         self.position_gate = GSoPPositionGate(
-            channels, attn_dim, pool_size, act_layer=act_layer, norm_layer=norm_layer) if use_position else None
+            channels, attn_dim, pool_size, act_layer=act_layer, norm_layer=norm_layer, **dd) if use_position else None
         if mode == 'fusion_concat':
             groups, k, pad = _concat_fuse_kernel(channels)
-            self.fuse_channel = nn.Conv2d(channels, channels, (k, 1), padding=(pad, 0), groups=groups, bias=True)
-            self.fuse_position = nn.Conv2d(channels, channels, (k, 1), padding=(pad, 0), groups=groups, bias=True)
-            self.fuse_bn = norm_layer(channels)
+            self.fuse_channel = nn.Conv2d(channels, channels, (k, 1), padding=(pad, 0), groups=groups, **dd)
+            self.fuse_position = nn.Conv2d(channels, channels, (k, 1), padding=(pad, 0), groups=groups, **dd)
+            self.fuse_bn = norm_layer(channels, **dd)
         else:
             self.fuse_channel = None
             self.fuse_position = None

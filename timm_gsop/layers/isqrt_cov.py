@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 from timm.layers import register_notrace_function
 
-from .covariance import covariance
+from .covariance import _at_least_fp32, covariance
 
 __all__ = ['sqrtm_newton_schulz', 'triu_vec', 'triu_indices', 'IsqrtCovPool']
 
@@ -45,8 +45,8 @@ def sqrtm_newton_schulz(x: Tensor, num_iter: int = 3, eps: float = 1e-5) -> Tens
         raise ValueError(f'num_iter must be >= 1, got {num_iter}')
     if not torch.jit.is_scripting():
         with torch.autocast(device_type=x.device.type, enabled=False):
-            return _sqrtm_newton_schulz(x.float(), num_iter, eps).to(x.dtype)
-    return _sqrtm_newton_schulz(x.float(), num_iter, eps).to(x.dtype)
+            return _sqrtm_newton_schulz(_at_least_fp32(x), num_iter, eps).to(x.dtype)
+    return _sqrtm_newton_schulz(_at_least_fp32(x), num_iter, eps).to(x.dtype)
 
 
 def triu_indices(dim: int, device: Optional[torch.device] = None) -> Tensor:

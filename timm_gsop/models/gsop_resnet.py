@@ -29,11 +29,13 @@ __all__ = ['GSoPResNet', 'GSoPBottleneck', 'checkpoint_filter_fn']
 
 
 @register_notrace_function
-def check_input_size(x: Tensor, min_size: int) -> None:
+def check_input_size(x: Tensor, min_size: int) -> Tensor:
+    """Returns ``x`` (so fx keeps the check in its graph) or raises for a too small image."""
     if x.shape[-1] < min_size or x.shape[-2] < min_size:
         raise ValueError(
             f'Input of {x.shape[-2]}x{x.shape[-1]} px is smaller than this model accepts: '
             f'height and width must be at least {min_size} px.')
+    return x
 
 
 class GSoPBottleneck(nn.Module):
@@ -260,7 +262,7 @@ class GSoPResNet(nn.Module):
     ) -> Union[List[Tensor], Tuple[Tensor, List[Tensor]]]:
         """Forward that also returns feature maps: the stem (index 0) and the 4 stages (1-4)."""
         assert output_fmt in ('NCHW',), 'Output shape must be NCHW.'
-        check_input_size(x, self.min_input_size)
+        x = check_input_size(x, self.min_input_size)
         intermediates = []
         take_indices, max_index = feature_take_indices(5, indices)
         x = self.act1(self.bn1(self.conv1(x)))
@@ -301,7 +303,7 @@ class GSoPResNet(nn.Module):
         return take_indices
 
     def forward_features(self, x: Tensor) -> Tensor:
-        check_input_size(x, self.min_input_size)
+        x = check_input_size(x, self.min_input_size)
         x = self.maxpool(self.act1(self.bn1(self.conv1(x))))
         if self.grad_checkpointing and not torch.jit.is_scripting():
             x = checkpoint_seq([self.layer1, self.layer2, self.layer3, self.layer4], x, flatten=True)
@@ -410,6 +412,8 @@ def _has_weights_source(cfg: PretrainedCfg) -> bool:
 
 
 def _create_gsop_resnet(variant: str, pretrained: bool = False, **kwargs) -> GSoPResNet:
+    if 'attn_mode' in kwargs and kwargs['attn_mode'] is None:
+        kwargs['attn_mode'] = 'none'  # timm's builder drops None kwargs; keep the ablation a string
     if pretrained:
         from timm.models import resolve_pretrained_cfg
         cfg = resolve_pretrained_cfg(
@@ -424,7 +428,6 @@ def _create_gsop_resnet(variant: str, pretrained: bool = False, **kwargs) -> GSo
     return build_model_with_cfg(
         GSoPResNet, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(flatten_sequential=True),
         **kwargs,
     )
 

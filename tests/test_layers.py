@@ -1,0 +1,189 @@
+"""The second-order maths against their definitions, in float64, and the GSoP block's behaviour."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.autograd import gradcheck
+
+import timm
+from timm_gsop.layers import (
+    ATTN_MODES, GSoPAttn, IsqrtCovPool, covariance, position_covariance, sqrtm_newton_schulz, triu_indices, triu_vec)
+
+torch.manual_seed(0)
+
+
+def _textbook_covariance(x):
+    """(1/M) X I_hat X^T with the M x M centring matrix I_hat = I/M ... per sample, as papers write it."""
+    b, c = x.shape[:2]
+    x = x.reshape(b, c, -1)
+    m = x.shape[2]
+    i_hat = torch.eye(m, dtype=x.dtype) / m - torch.ones(m, m, dtype=x.dtype) / (m * m)
+    return torch.stack([xi @ i_hat @ xi.T for xi in x])
+
+
+def _spd(batch, dim, lo=1.0, hi=2.0):
+    q, _ = torch.linalg.qr(torch.randn(batch, dim, dim, dtype=torch.float64))
+    lam = torch.rand(batch, dim, dtype=torch.float64) * (hi - lo) + lo
+    return q @ torch.diag_embed(lam) @ q.transpose(1, 2), q @ torch.diag_embed(lam.sqrt()) @ q.transpose(1, 2)
+
+
+def test_covariance_equals_definition():
+    x = torch.randn(3, 5, 4, 6, dtype=torch.float64) * 2 + 1.5  # non-zero mean: centring matters
+    cov = covariance(x)
+    assert cov.shape == (3, 5, 5)
+    torch.testing.assert_close(cov, _textbook_covariance(x), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(cov[1], torch.cov(x[1].reshape(5, -1), correction=0), rtol=1e-12, atol=1e-12)
+
+
+def test_position_covariance_equals_official_definition():
+    # Official: X^T I_hat X with a d x d I_hat built from the position count M.
+    x = torch.randn(2, 6, 3, 3, dtype=torch.float64) + 0.7
+    d, m = 6, 9
+    i_hat = torch.eye(d, dtype=x.dtype) / m - torch.ones(d, d, dtype=x.dtype) / (m * m)
+    flat = x.reshape(2, d, m)
+    expected = flat.transpose(1, 2) @ i_hat @ flat
+    torch.testing.assert_close(position_covariance(x), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_gradcheck_covariance_ops():
+    x = torch.randn(2, 4, 3, 3, dtype=torch.float64, requires_grad=True)
+    assert gradcheck(covariance, (x,))
+    assert gradcheck(position_covariance, (x,))
+
+
+@pytest.mark.parametrize('num_iter', [1, 2, 3, 5])
+def test_gradcheck_sqrtm(num_iter):
+    a, _ = _spd(2, 5)
+    a.requires_grad_(True)
+    assert gradcheck(lambda t: sqrtm_newton_schulz(t, num_iter), (a,))
+
+
+def test_gradcheck_triu_vec():
+    a = torch.randn(2, 5, 5, dtype=torch.float64, requires_grad=True)
+    assert gradcheck(triu_vec, (a,))
+
+
+def test_sqrtm_converges_to_eigendecomposition_root():
+    # Well conditioned SPD (eigenvalues in [1, 2]). Newton-Schulz after trace normalisation converges
+    # quadratically once started: stated tolerances are relative Frobenius errors.
+    a, root = _spd(4, 8)
+    errors = {n: ((sqrtm_newton_schulz(a, n) - root).norm() / root.norm()).item() for n in (3, 5, 10)}
+    assert errors[3] > errors[5] > errors[10]
+    assert errors[5] < 5e-3
+    assert errors[10] < 1e-12
+
+
+def test_sqrtm_three_iterations_matches_written_out_iteration():
+    # iSQRT-COV's 3-iteration form written out step by step (float64, one sample at a time).
+    a, _ = _spd(2, 6)
+    out = sqrtm_newton_schulz(a, 3)
+    eye = torch.eye(6, dtype=torch.float64)
+    for i in range(2):
+        tr = torch.trace(a[i])
+        an = a[i] / tr
+        y0 = an @ (0.5 * (3 * eye - an))
+        z0 = 0.5 * (3 * eye - an)
+        t = 0.5 * (3 * eye - z0 @ y0)
+        y1, z1 = y0 @ t, t @ z0
+        expected = 0.5 * y1 @ (3 * eye - z1 @ y1) * tr.sqrt()
+        torch.testing.assert_close(out[i], expected, rtol=1e-12, atol=1e-12)
+
+
+def test_triu_vec_order_and_size():
+    # iSQRT-COV order: lower triangle row by row == upper triangle column by column.
+    dim = 256
+    index = triu_indices(dim)
+    assert index.numel() == 32896
+    mask = torch.ones(dim, dim).triu().t().reshape(-1)
+    torch.testing.assert_close(index, mask.nonzero().squeeze(1))
+    sym = torch.arange(16.).reshape(4, 4)
+    sym = sym + sym.T
+    vec = triu_vec(sym.unsqueeze(0))[0]
+    expected = torch.tensor([sym[r, c] for r in range(4) for c in range(r + 1)])
+    torch.testing.assert_close(vec, expected)
+
+
+def test_zero_and_constant_maps_stay_finite():
+    pool = IsqrtCovPool(32, cov_dim=16).train()
+    for x in (torch.zeros(2, 32, 4, 4), torch.full((2, 32, 4, 4), 3.0)):
+        x = x.requires_grad_(True)
+        out = pool(x)
+        out.sum().backward()
+        assert torch.isfinite(out).all()
+        assert torch.isfinite(x.grad).all()
+    # The trace floor: a zero covariance gives a zero root, not 0/0.
+    assert torch.equal(sqrtm_newton_schulz(torch.zeros(2, 5, 5)), torch.zeros(2, 5, 5))
+    for mode in ATTN_MODES:
+        attn = GSoPAttn(64, attn_mode=mode, attn_dim=16).eval()
+        assert torch.isfinite(attn(torch.full((2, 64, 8, 8), 0.5))).all(), mode
+
+
+def test_second_order_ops_run_float32_under_autocast():
+    x = torch.randn(2, 16, 7, 7) + 1.0
+    a, _ = _spd(2, 16)
+    a = a.float()
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        cov_ac = covariance(x)
+        pos_ac = position_covariance(x)
+        root_ac = sqrtm_newton_schulz(a)
+        cov_bf = covariance(x.bfloat16())
+    # float32 in, float32 out, bit-identical to the computation without autocast (a bf16 bmm is not).
+    assert cov_ac.dtype == torch.float32 and root_ac.dtype == torch.float32
+    assert torch.equal(cov_ac, covariance(x))
+    assert torch.equal(pos_ac, position_covariance(x))
+    assert torch.equal(root_ac, sqrtm_newton_schulz(a))
+    # bf16 in: computed in float32, cast back once.
+    assert cov_bf.dtype == torch.bfloat16
+    assert torch.equal(cov_bf, covariance(x.bfloat16().float()).bfloat16())
+
+
+@pytest.mark.parametrize('mode', ATTN_MODES)
+def test_fused_shortcut_equals_separate_add(mode):
+    attn = GSoPAttn(128, attn_mode=mode, attn_dim=16).eval()
+    x, shortcut = torch.randn(2, 128, 10, 10), torch.randn(2, 128, 10, 10)
+    with torch.no_grad():
+        torch.testing.assert_close(attn(x, shortcut), attn(x) + shortcut)
+
+
+def test_channel_and_position_gates_scale_as_defined():
+    attn = GSoPAttn(64, attn_mode='channel', attn_dim=16).eval()
+    x = torch.randn(2, 64, 9, 9)
+    with torch.no_grad():
+        gate = attn.channel_gate(x)
+        assert gate.shape == (2, 64, 1, 1) and (gate > 0).all() and (gate < 1).all()
+        torch.testing.assert_close(attn(x), x * gate)
+    attn = GSoPAttn(64, attn_mode='position', attn_dim=16).eval()
+    with torch.no_grad():
+        gate = attn.position_gate(x)
+        assert gate.shape == (2, 1, 9, 9)
+        torch.testing.assert_close(attn(x), F.relu(x * gate))
+
+
+def test_concat_fusion_kernel_follows_official_rule():
+    # groups = C/64, kernel (2f+5, 1) with f = log2(32/groups), padding f+2; map size kept.
+    for channels, groups, k in ((256, 4, 11), (512, 8, 9), (1024, 16, 7), (2048, 32, 5)):
+        attn = GSoPAttn(channels, attn_mode='fusion_concat', attn_dim=8)
+        assert attn.fuse_channel.groups == groups
+        assert attn.fuse_channel.kernel_size == (k, 1)
+        assert attn.fuse_channel.padding == ((k - 1) // 2, 0)
+
+
+def test_bad_arguments_name_valid_choices():
+    with pytest.raises(ValueError, match="'channel', 'position', 'fusion_avg', 'fusion_max', 'fusion_concat'"):
+        GSoPAttn(64, attn_mode='spatial')
+    with pytest.raises(ValueError, match='attn_dim must be a positive integer'):
+        GSoPAttn(64, attn_dim=0)
+    with pytest.raises(ValueError, match='num_iter must be >= 1'):
+        IsqrtCovPool(64, num_iter=0)
+    with pytest.raises(ValueError, match='cov_dim must be a positive integer'):
+        IsqrtCovPool(64, cov_dim=-1)
+
+
+def test_gsop_attn_serves_timm_resnet_as_attn_layer():
+    from functools import partial
+    model = timm.create_model(
+        'resnet50', num_classes=5, zero_init_last=False, block_args=dict(attn_layer=partial(GSoPAttn, attn_dim=16)))
+    blocks = [m for m in model.modules() if isinstance(m, GSoPAttn)]
+    assert len(blocks) == 16  # timm puts its attn_layer in every bottleneck
+    model(torch.randn(2, 3, 64, 64)).sum().backward()
+    for attn in blocks:
+        assert attn.channel_gate.row_conv.weight.grad.abs().sum() > 0
