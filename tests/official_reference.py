@@ -88,7 +88,6 @@ _ROW_CONV_MULT = 4  # each row-wise conv group emits 4 channels
 _NET2_DIM = 256  # Net2 head reduces to 256 channels before covariance pooling
 _NS_ITERS = 3  # Newton-Schulz iterations in the Net2 head
 _BN_EPS = 1e-5
-_BN_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
 
 # --------------------------------------------------------------------------------------
@@ -150,8 +149,8 @@ class _Filler:
         if bias:
             self.sd[f"{name}.bias"] = self._normal((c_out,), 0.05)
 
-    def linear(self, name: str, c_out: int, c_in: int) -> None:
-        self.sd[f"{name}.weight"] = self._normal((c_out, c_in), math.sqrt(1.0 / c_in))
+    def linear(self, name: str, c_out: int, c_in: int, gain: float = 1.0) -> None:
+        self.sd[f"{name}.weight"] = self._normal((c_out, c_in), math.sqrt(gain / c_in))
         self.sd[f"{name}.bias"] = self._normal((c_out,), 0.05)
 
     def bn(self, name: str, c: int, w_lo: float = 0.5, w_hi: float = 1.5) -> None:
@@ -169,8 +168,10 @@ def official_state_dict(depth: int, net: int, attn_mode: str, attn_dim: int = 12
 
     Scales are chosen so an eval-mode forward stays finite and non-degenerate through
     50/101 layers: He-normal convs, BN weights U(0.5, 1.5) except the BN closing each
-    residual branch (``bn3`` / ``bn_for_concat``, U(0.1, 0.3)), small biases and running
-    means, running variances U(0.5, 1.5), int64 scalar ``num_batches_tracked``.
+    residual branch (``bn3`` / ``bn_for_concat``: U(0.1, 0.3) * sqrt(3 / blocks in the
+    stage)), small biases and running means, running variances U(0.5, 1.5), int64 scalar
+    ``num_batches_tracked``. A few attention layers get adjusted gains so that their
+    sigmoid gates land mostly inside (0, 1) rather than saturating.
     """
     _check_args(depth, net, attn_mode)
     layout = official_attention_layout(depth, net, attn_mode)
@@ -183,6 +184,8 @@ def official_state_dict(depth: int, net: int, attn_mode: str, attn_dim: int = 12
     in_ch = 64
     for s, (planes, codes) in enumerate(zip(_STAGE_PLANES, layout)):
         out_ch = planes * _EXPANSION
+        # shrink residual branches in long stages so the stream does not drift upwards
+        branch_scale = math.sqrt(3.0 / len(codes))
         for b, code in enumerate(codes):
             p = f"layer{s + 1}.{b}"
             f.conv(f"{p}.conv1", planes, in_ch, 1, 1, bias=False)
@@ -190,20 +193,20 @@ def official_state_dict(depth: int, net: int, attn_mode: str, attn_dim: int = 12
             f.conv(f"{p}.conv2", planes, planes, 3, 3, bias=False)
             f.bn(f"{p}.bn2", planes)
             f.conv(f"{p}.conv3", out_ch, planes, 1, 1, bias=False)
-            f.bn(f"{p}.bn3", out_ch, 0.1, 0.3)
+            f.bn(f"{p}.bn3", out_ch, 0.1 * branch_scale, 0.3 * branch_scale)
             if code in _CHANNEL_CODES:
                 f.conv(f"{p}.conv_for_DR", d, out_ch, 1, 1, bias=True)
                 f.bn(f"{p}.bn_for_DR", d)
                 f.bn(f"{p}.row_bn", d)
                 f.conv(f"{p}.row_conv_group", _ROW_CONV_MULT * d, 1, d, 1, bias=True)
                 f.conv(f"{p}.fc_adapt_channels", out_ch, _ROW_CONV_MULT * d, 1, 1,
-                       bias=True, gain=1.0)
+                       bias=True, gain=16.0)
             if code in _POSITION_CODES:
                 f.conv(f"{p}.conv_for_DR_spatial", d, out_ch, 1, 1, bias=True)
                 f.bn(f"{p}.bn_for_DR_spatial", d)
                 f.bn(f"{p}.row_bn_for_spatial", n_pos)
                 f.conv(f"{p}.row_conv_group_for_spatial", _ROW_CONV_MULT * n_pos, 1,
-                       n_pos, 1, bias=True)
+                       n_pos, 1, bias=True, gain=0.1)
                 f.conv(f"{p}.fc_adapt_channels_for_spatial", n_pos,
                        _ROW_CONV_MULT * n_pos, 1, 1, bias=True, gain=1.0)
             if code == "&":
@@ -212,7 +215,7 @@ def official_state_dict(depth: int, net: int, attn_mode: str, attn_dim: int = 12
                        bias=True, gain=1.0)
                 f.conv(f"{p}.dilate_conv_for_concat2", out_ch, out_ch // groups, k, 1,
                        bias=True, gain=1.0)
-                f.bn(f"{p}.bn_for_concat", out_ch, 0.1, 0.3)
+                f.bn(f"{p}.bn_for_concat", out_ch, 0.1 * branch_scale, 0.3 * branch_scale)
             if b == 0:  # every stage starts with a projection shortcut
                 f.conv(f"{p}.downsample.0", out_ch, in_ch, 1, 1, bias=False)
                 f.bn(f"{p}.downsample.1", out_ch)
@@ -223,7 +226,8 @@ def official_state_dict(depth: int, net: int, attn_mode: str, attn_dim: int = 12
     else:
         f.conv("layer_reduce", _NET2_DIM, in_ch, 1, 1, bias=False)
         f.bn("layer_reduce_bn", _NET2_DIM)
-        f.linear("fc", num_classes, _NET2_DIM * (_NET2_DIM + 1) // 2)
+        # the square-rooted covariance entries are small: a larger gain gives O(1) logits
+        f.linear("fc", num_classes, _NET2_DIM * (_NET2_DIM + 1) // 2, gain=100.0)
     return dict(f.sd)
 
 

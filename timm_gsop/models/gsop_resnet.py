@@ -21,7 +21,6 @@ from timm.layers import DropPath, create_classifier, register_notrace_function
 from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models._pretrained import PretrainedCfg
-from timm.models._registry import get_pretrained_cfg
 
 from ..layers import GSoPAttn, IsqrtCovPool, resolve_attn_mode
 
@@ -355,8 +354,10 @@ def convert_official_state_dict(state_dict: Dict[str, Tensor]) -> Dict[str, Tens
     out = {}
     for k, v in state_dict.items():
         k = k[len('module.'):] if k.startswith('module.') else k
-        for pattern, repl in _OFFICIAL_RENAMES:
-            k = re.sub(pattern, repl, k)
+        for pattern, repl in _OFFICIAL_RENAMES:  # first match only: '_spatial' names contain the others
+            k, n = re.subn(pattern, repl, k)
+            if n:
+                break
         out[k] = v
     return out
 
@@ -411,7 +412,18 @@ def _has_weights_source(cfg: PretrainedCfg) -> bool:
     return bool(cfg.url or cfg.file or cfg.hf_hub_id or cfg.state_dict or cfg.source in ('hf-hub', 'local-dir'))
 
 
-def _create_gsop_resnet(variant: str, pretrained: bool = False, **kwargs) -> GSoPResNet:
+def create_gsop_model(
+        model_cls: Type[nn.Module],
+        variant: str,
+        pretrained: bool = False,
+        feature_cfg: Optional[Dict[str, Any]] = None,
+        **kwargs,
+) -> nn.Module:
+    """``build_model_with_cfg`` for the GSoP family, with the official checkpoint filter.
+
+    ``pretrained=True`` without any weights source is an error that says how to load a file (timm
+    would otherwise fail deep in its loader or fall back to random weights).
+    """
     if 'attn_mode' in kwargs and kwargs['attn_mode'] is None:
         kwargs['attn_mode'] = 'none'  # timm's builder drops None kwargs; keep the ablation a string
     if pretrained:
@@ -426,10 +438,15 @@ def _create_gsop_resnet(variant: str, pretrained: bool = False, **kwargs) -> GSo
                 f"(timm or official GSoP checkpoints), checkpoint_path='PATH', or an exported folder with "
                 f"timm.create_model('local-dir:FOLDER', pretrained=True).")
     return build_model_with_cfg(
-        GSoPResNet, variant, pretrained,
+        model_cls, variant, pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=feature_cfg,
         **kwargs,
     )
+
+
+def _create_gsop_resnet(variant: str, pretrained: bool = False, **kwargs) -> GSoPResNet:
+    return create_gsop_model(GSoPResNet, variant, pretrained, **kwargs)
 
 
 def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:

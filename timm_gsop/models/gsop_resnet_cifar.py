@@ -1,0 +1,343 @@
+"""GSoP-Net on the pre-activation ResNet-164 for CIFAR (32x32 images).
+
+The paper (Gao et al., CVPR 2019) reports CIFAR-100 top-1 error with ResNet-164: GSoP-Net1 20.86,
+GSoP-Net2 18.58. The official code has no CIFAR models, so this network is built from the paper's
+description and the ImageNet design (``gsop_resnet.py``):
+
+* Backbone: pre-activation bottleneck ResNet-164 (He et al., "Identity Mappings in Deep Residual
+  Networks", 2016): a 3x3 stem conv to 16 channels, 3 stages of 18 bottlenecks
+  (BN-ReLU-conv1x1, BN-ReLU-conv3x3, BN-ReLU-conv1x1) with output widths 64/128/256 (bottleneck
+  widths 16/32/64) and strides 1/2/2, no max-pool, a final BN-ReLU: 32x32 input -> 8x8 features.
+  A stage's first block takes its projection shortcut from the pre-activated input (as timm's
+  ``PreActBottleneck``).
+* GSoP blocks: one on the residual branch of each stage's last block, before the add (Net1: all
+  3 stages; Net2: stages 1-2, the last stage's GSoP block replaced by the iSQRT-COV head).
+  The reduction conv has stride 1 everywhere: the maps are at most 32x32. Position mode pools to
+  8x8 (64 positions), which is the last stage's size and a downsampling of the others.
+
+Parameter names follow the ImageNet models (``conv1``, ``layerN``, ``global_pool``, ``fc``) plus
+the final ``norm`` / ``act``.
+"""
+from functools import partial
+from typing import Any, Dict, List, Optional, Tuple, Type, Union
+
+import torch
+from torch import Tensor, nn
+
+from timm.layers import DropPath
+from timm.models import checkpoint_seq, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+
+from ..layers import GSoPAttn, resolve_attn_mode
+from .gsop_resnet import GSoPResNet, _cfg, check_input_size, create_gsop_model
+
+__all__ = ['GSoPResNetCifar', 'GSoPPreActBottleneck', 'CIFAR100_MEAN', 'CIFAR100_STD']
+
+CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
+CIFAR100_STD = (0.2673, 0.2564, 0.2762)
+
+
+class GSoPPreActBottleneck(nn.Module):
+    """Pre-activation bottleneck with an optional attention layer at the end of the residual branch.
+
+    As in the ImageNet block, the attention layer gets the shortcut too (scale and add in one pass)
+    unless stochastic depth has to drop the branch between the two.
+    """
+    expansion = 4
+
+    def __init__(
+            self,
+            inplanes: int,
+            planes: int,
+            stride: int = 1,
+            attn_layer: Optional[Any] = None,
+            act_layer: Type[nn.Module] = nn.ReLU,
+            norm_layer: Type[nn.Module] = nn.BatchNorm2d,
+            drop_path: float = 0.,
+    ):
+        super().__init__()
+        outplanes = planes * self.expansion
+        self.bn1 = norm_layer(inplanes)
+        self.act1 = act_layer(inplace=True)
+        self.conv1 = nn.Conv2d(inplanes, planes, kernel_size=1, bias=False)
+        self.bn2 = norm_layer(planes)
+        self.act2 = act_layer(inplace=True)
+        self.conv2 = nn.Conv2d(planes, planes, kernel_size=3, stride=stride, padding=1, bias=False)
+        self.bn3 = norm_layer(planes)
+        self.act3 = act_layer(inplace=True)
+        self.conv3 = nn.Conv2d(planes, outplanes, kernel_size=1, bias=False)
+        self.attn = attn_layer(outplanes) if attn_layer is not None else None
+        self.downsample = None
+        if stride != 1 or inplanes != outplanes:
+            self.downsample = nn.Conv2d(inplanes, outplanes, kernel_size=1, stride=stride, bias=False)
+        self.drop_path = DropPath(drop_path) if drop_path > 0. else None
+
+    def zero_init_last(self) -> None:
+        nn.init.zeros_(self.conv3.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x_preact = self.act1(self.bn1(x))
+        shortcut = x if self.downsample is None else self.downsample(x_preact)
+        x = self.conv1(x_preact)
+        x = self.conv2(self.act2(self.bn2(x)))
+        x = self.conv3(self.act3(self.bn3(x)))
+        if self.attn is not None:
+            if self.drop_path is None:
+                return self.attn(x, shortcut)
+            x = self.attn(x)
+        if self.drop_path is not None:
+            x = self.drop_path(x)
+        return x + shortcut
+
+
+def _make_stage(
+        inplanes: int,
+        planes: int,
+        depth: int,
+        stride: int,
+        attn_layer: Optional[Any],
+        drop_path_rates: List[float],
+        **block_kwargs,
+) -> Tuple[nn.Sequential, int]:
+    outplanes = planes * GSoPPreActBottleneck.expansion
+    blocks = [
+        GSoPPreActBottleneck(
+            inplanes if i == 0 else outplanes,
+            planes,
+            stride=stride if i == 0 else 1,
+            attn_layer=attn_layer if i == depth - 1 else None,  # GSoP only in a stage's last block
+            drop_path=drop_path_rates[i],
+            **block_kwargs,
+        )
+        for i in range(depth)
+    ]
+    return nn.Sequential(*blocks), outplanes
+
+
+class GSoPResNetCifar(nn.Module):
+    """GSoP-Net on a pre-activation bottleneck ResNet for 32x32 images (ResNet-164 by default).
+
+    Choice of ``attn_dim`` (64) and the Net2 ``cov_dim`` (64); the paper gives neither for CIFAR:
+
+    * ``attn_dim=64``: the reduced copy should not be wider than the block it reduces, and the
+      narrowest stage has 64 channels; attn_dim/width is then 1, 1/2, 1/4 over the stages (ImageNet's
+      128: 1/2 ... 1/16). The last stage's 64x64 covariance comes from the 64 positions of an 8x8
+      map, rank at most 63 after centring: nearly full, as on ImageNet, where every GSoP block has
+      more positions than its 128 channels; a 128x128 one would be at least half zero eigenvalues.
+      The 3 GSoP blocks add 194,688 parameters to the 1,726,388 of the plain ResNet-164 (+11%,
+      as ImageNet's blocks add to ResNet-50); attn_dim=128 would add 487,232 (+28%) and widen
+      stage 1's 64 channels, attn_dim=32 would add 85,280 (+5%).
+    * ``cov_dim=64`` for the iSQRT-COV head (256 on ImageNet, from 14x14 = 196 positions): not
+      wider than the 256-channel map, and again nearly full rank from 8x8 = 64 positions. Its
+      classifier has 64*65/2*100 = 208,000 weights, so Net2 (2.02M parameters) stays 5% above Net1
+      (1.92M); cov_dim=128 would give a 825,600-weight classifier (half the backbone) and 2.65M
+      parameters, cov_dim=256 a 3.29M-weight classifier, twice the backbone.
+
+    Args:
+        layers: bottlenecks per stage, (18, 18, 18) for ResNet-164.
+        num_classes: classifier outputs (0 for none).
+        in_chans: input image channels.
+        attn_mode: GSoP block mode: 'channel' (default), 'position', 'fusion_avg', 'fusion_max',
+            'fusion_concat'; 'none' or None for the same backbone without GSoP blocks (timm.create_model
+            drops None arguments: pass 'none' there).
+        attn_dim: channels of the GSoP block's reduced copy (64, see above).
+        attn_stages: which of the 3 stages end with a GSoP block (Net1: all, Net2: the first two).
+        global_pool: 'avg' (Net1) or 'isqrt' (Net2: iSQRT-COV pooling), any timm pool type, or ''.
+        cov_dim: covariance size of the iSQRT-COV pool (64, see above).
+        sqrt_iters: Newton-Schulz iterations of the iSQRT-COV pool (3).
+        drop_rate: dropout before the classifier.
+        drop_path_rate: stochastic depth, linearly increasing over blocks.
+        zero_init_last: zero-init each block's last conv (an identity block at init).
+        min_input_size: smallest accepted height/width in pixels (32).
+        stem_chs: channels of the stem conv (16).
+    """
+
+    def __init__(
+            self,
+            layers: Tuple[int, ...] = (18, 18, 18),
+            num_classes: int = 100,
+            in_chans: int = 3,
+            attn_mode: Optional[str] = 'channel',
+            attn_dim: int = 64,
+            attn_stages: Tuple[bool, ...] = (True, True, True),
+            global_pool: str = 'avg',
+            cov_dim: int = 64,
+            sqrt_iters: int = 3,
+            drop_rate: float = 0.,
+            drop_path_rate: float = 0.,
+            zero_init_last: bool = False,
+            min_input_size: int = 32,
+            stem_chs: int = 16,
+            act_layer: Type[nn.Module] = nn.ReLU,
+            norm_layer: Type[nn.Module] = nn.BatchNorm2d,
+    ):
+        super().__init__()
+        attn_mode = resolve_attn_mode(attn_mode)
+        if not isinstance(attn_dim, int) or attn_dim <= 0:
+            raise ValueError(f'attn_dim must be a positive integer, got {attn_dim!r}')
+        if len(layers) != 3 or len(attn_stages) != 3:
+            raise ValueError(f'layers and attn_stages need 3 entries, got {layers} and {attn_stages}')
+        self.num_classes = num_classes
+        self.drop_rate = drop_rate
+        self.attn_mode = attn_mode or 'none'
+        self.cov_dim = cov_dim
+        self.sqrt_iters = sqrt_iters
+        self.min_input_size = min_input_size
+        self.grad_checkpointing = False
+
+        # Pre-activation: the stem is a bare conv, the first block's BN-ReLU follows it.
+        self.conv1 = nn.Conv2d(in_chans, stem_chs, kernel_size=3, stride=1, padding=1, bias=False)
+        self.feature_info = [dict(num_chs=stem_chs, reduction=1, module='conv1')]
+
+        block_dpr = torch.linspace(0, drop_path_rate, sum(layers)).tolist()
+        inplanes, reduction, offset = stem_chs, 1, 0
+        for i, (depth, planes) in enumerate(zip(layers, (16, 32, 64))):
+            stride = 1 if i == 0 else 2
+            reduction *= stride
+            attn_layer = None
+            if attn_mode is not None and attn_stages[i]:
+                attn_layer = partial(
+                    GSoPAttn, attn_mode=attn_mode, attn_dim=attn_dim, reduce_stride=1, pool_size=8,
+                    act_layer=act_layer, norm_layer=norm_layer)
+            stage, inplanes = _make_stage(
+                inplanes, planes, depth, stride, attn_layer, block_dpr[offset:offset + depth],
+                act_layer=act_layer, norm_layer=norm_layer)
+            offset += depth
+            self.add_module(f'layer{i + 1}', stage)
+            self.feature_info.append(dict(num_chs=inplanes, reduction=reduction, module=f'layer{i + 1}'))
+        # The last feature is the normalised one that the head sees (as timm's ResNetV2).
+        self.feature_info[-1]['module'] = 'act'
+
+        self.norm = norm_layer(inplanes)
+        self.act = act_layer(inplace=True)
+        self.num_features = inplanes
+        self.global_pool, self.fc = self._create_head(global_pool, num_classes)
+
+        for m in self.modules():  # BatchNorm2d already starts at weight 1, bias 0
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
+        if zero_init_last:
+            for m in self.modules():
+                if isinstance(m, GSoPPreActBottleneck):
+                    m.zero_init_last()
+
+    # The head and classifier logic is the ImageNet models' (avg or iSQRT-COV pool + Linear; a
+    # reset keeps a trained iSQRT-COV pool): shared, not copied.
+    _create_head = GSoPResNet._create_head
+    get_classifier = GSoPResNet.get_classifier
+    reset_classifier = GSoPResNet.reset_classifier
+    set_grad_checkpointing = GSoPResNet.set_grad_checkpointing
+    forward_head = GSoPResNet.forward_head
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        return dict(
+            stem=r'^conv1',
+            blocks=r'^layer(\d+)' if coarse else [(r'^layer(\d+)\.(\d+)', None), (r'^norm', (99999,))])
+
+    def forward_intermediates(
+            self,
+            x: Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[Tensor], Tuple[Tensor, List[Tensor]]]:
+        """Forward that also returns feature maps: the stem (index 0) and the 3 stages (1-3).
+
+        ``norm=True`` gives the last stage after the final BN-ReLU (what ``features_only`` returns).
+        """
+        assert output_fmt in ('NCHW',), 'Output shape must be NCHW.'
+        x = check_input_size(x, self.min_input_size)
+        intermediates = []
+        take_indices, max_index = feature_take_indices(4, indices)
+        x = self.conv1(x)
+        if 0 in take_indices:
+            intermediates.append(x)
+        stages = [self.layer1, self.layer2, self.layer3]
+        if stop_early:
+            stages = stages[:max_index]
+        for feat_idx, stage in enumerate(stages, start=1):
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = checkpoint_seq(stage, x)
+            else:
+                x = stage(x)
+            feat = x
+            if feat_idx == 3:
+                x = self.act(self.norm(x))
+                if norm:
+                    feat = x
+            if feat_idx in take_indices:
+                intermediates.append(feat)
+        if intermediates_only:
+            return intermediates
+        return x, intermediates
+
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> List[int]:
+        """Drop the stages (final norm, head) that the requested intermediates do not need."""
+        take_indices, max_index = feature_take_indices(4, indices)
+        for i in range(max_index, 3):
+            setattr(self, f'layer{i + 1}', nn.Sequential())
+        if prune_norm or max_index < 3:
+            self.norm, self.act = nn.Identity(), nn.Identity()
+        if max_index < 3:
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]['num_chs']
+            self.reset_classifier(0, '')
+        elif prune_head:
+            self.reset_classifier(0, '')
+        return take_indices
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        x = check_input_size(x, self.min_input_size)
+        x = self.conv1(x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            x = checkpoint_seq([self.layer1, self.layer2, self.layer3], x, flatten=True)
+        else:
+            x = self.layer1(x)
+            x = self.layer2(x)
+            x = self.layer3(x)
+        return self.act(self.norm(x))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def _create_gsop_resnet_cifar(variant: str, pretrained: bool = False, **kwargs) -> GSoPResNetCifar:
+    return create_gsop_model(
+        GSoPResNetCifar, variant, pretrained, feature_cfg=dict(out_indices=(0, 1, 2, 3)), **kwargs)
+
+
+# No weights exist: the tags name architectures only (no url / hf_hub_id).
+_CIFAR100_CFG = dict(
+    num_classes=100, input_size=(3, 32, 32), pool_size=(8, 8), min_input_size=(3, 32, 32), crop_pct=1.0,
+    mean=CIFAR100_MEAN, std=CIFAR100_STD, origin_url=None)
+default_cfgs = generate_default_cfgs({
+    'gsop_resnet164_cifar': _cfg(**_CIFAR100_CFG),
+    'gsop2_resnet164_cifar': _cfg(**_CIFAR100_CFG),
+})
+
+
+@register_model
+def gsop_resnet164_cifar(pretrained: bool = False, **kwargs) -> GSoPResNetCifar:
+    """GSoP-Net1 pre-act ResNet-164 for CIFAR-100: a GSoP block in every stage, average pooling.
+
+    1,921,076 parameters.
+    """
+    model_args = dict(layers=(18, 18, 18), attn_stages=(True, True, True), global_pool='avg')
+    return _create_gsop_resnet_cifar('gsop_resnet164_cifar', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def gsop2_resnet164_cifar(pretrained: bool = False, **kwargs) -> GSoPResNetCifar:
+    """GSoP-Net2 pre-act ResNet-164 for CIFAR-100: GSoP blocks in stages 1-2, iSQRT-COV pooling.
+
+    2,020,852 parameters.
+    """
+    model_args = dict(layers=(18, 18, 18), attn_stages=(True, True, False), global_pool='isqrt')
+    return _create_gsop_resnet_cifar('gsop2_resnet164_cifar', pretrained, **dict(model_args, **kwargs))
