@@ -12,6 +12,7 @@ from timm_gsop.layers import ATTN_MODES
 
 from official_reference import official_forward, official_state_dict, save_official_checkpoint
 
+TINY_ARGS = dict(layers=(1, 1, 1, 1), attn_dim=16)
 NAMES = {(50, 1): 'gsop_resnet50', (101, 1): 'gsop_resnet101', (50, 2): 'gsop2_resnet50', (101, 2): 'gsop2_resnet101'}
 
 
@@ -63,3 +64,20 @@ def test_checkpoint_for_another_architecture_names_the_keys(tmp_path):
     with pytest.raises(ValueError, match=r'(?s)checkpoint looks like: resnet50.*model is: +resnet101'):
         timm.create_model('gsop_resnet101', pretrained=True, pretrained_cfg_overlay=dict(file=str(path), num_classes=10),
                           attn_dim=32, num_classes=10)
+
+
+def test_filter_keeps_native_names_and_fills_pytorch_040_counters(tmp_path):
+    model = timm.create_model('gsop_resnet50', attn_mode='fusion_concat', **TINY_ARGS).eval()
+    native = model.state_dict()
+    assert timm_gsop.checkpoint_filter_fn(dict(native), model).keys() == native.keys()
+    # The official code ran on PyTorch 0.4.0: its BatchNorms saved no num_batches_tracked.
+    sd = official_state_dict(50, 2, 'position', attn_dim=16, num_classes=5)
+    old = {k: v for k, v in sd.items() if not k.endswith('num_batches_tracked')}
+    path = tmp_path / 'old.pth.tar'
+    save_official_checkpoint(path, old)
+    x = torch.randn(1, 3, 64, 64)
+    for kwargs in (dict(pretrained=True, pretrained_cfg_overlay=dict(file=str(path), num_classes=5)),
+                   dict(checkpoint_path=str(path))):  # plain load_state_dict converts too
+        net = timm.create_model('gsop2_resnet50', attn_mode='position', attn_dim=16, num_classes=5, **kwargs).eval()
+        with torch.no_grad():
+            assert _rel_max_diff(net(x), official_forward(sd, x, 50, 2, 'position')) < 1e-4

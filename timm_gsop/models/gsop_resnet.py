@@ -217,6 +217,8 @@ class GSoPResNet(nn.Module):
             for m in self.modules():
                 if isinstance(m, GSoPBottleneck):
                     m.zero_init_last()
+        # Official GSoP checkpoints also load through plain load_state_dict (checkpoint_path=, train.py).
+        self.register_load_state_dict_pre_hook(_official_keys_pre_hook)
 
     def _create_head(self, global_pool: str, num_classes: int) -> Tuple[nn.Module, nn.Module]:
         if global_pool == 'isqrt':
@@ -323,24 +325,24 @@ class GSoPResNet(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-# Official parameter names (inside a bottleneck, or at the top for Net2's head) -> ours.
-_OFFICIAL_RENAMES = (
-    (r'\.conv_for_DR_spatial\.', '.attn.position_gate.conv_reduce.'),
-    (r'\.bn_for_DR_spatial\.', '.attn.position_gate.bn_reduce.'),
-    (r'\.row_bn_for_spatial\.', '.attn.position_gate.row_bn.'),
-    (r'\.row_conv_group_for_spatial\.', '.attn.position_gate.row_conv.'),
-    (r'\.fc_adapt_channels_for_spatial\.', '.attn.position_gate.fc.'),
-    (r'\.conv_for_DR\.', '.attn.channel_gate.conv_reduce.'),
-    (r'\.bn_for_DR\.', '.attn.channel_gate.bn_reduce.'),
-    (r'\.row_bn\.', '.attn.channel_gate.row_bn.'),
-    (r'\.row_conv_group\.', '.attn.channel_gate.row_conv.'),
-    (r'\.fc_adapt_channels\.', '.attn.channel_gate.fc.'),
-    (r'\.dilate_conv_for_concat1\.', '.attn.fuse_channel.'),
-    (r'\.dilate_conv_for_concat2\.', '.attn.fuse_position.'),
-    (r'\.bn_for_concat\.', '.attn.fuse_bn.'),
+# Official parameter names (inside a stage's bottleneck, or at the top for Net2's head) -> ours.
+_OFFICIAL_RENAMES = tuple((re.compile(p), r) for p, r in (
+    (r'^(layer\d+\.\d+)\.conv_for_DR_spatial\.', r'\1.attn.position_gate.conv_reduce.'),
+    (r'^(layer\d+\.\d+)\.bn_for_DR_spatial\.', r'\1.attn.position_gate.bn_reduce.'),
+    (r'^(layer\d+\.\d+)\.row_bn_for_spatial\.', r'\1.attn.position_gate.row_bn.'),
+    (r'^(layer\d+\.\d+)\.row_conv_group_for_spatial\.', r'\1.attn.position_gate.row_conv.'),
+    (r'^(layer\d+\.\d+)\.fc_adapt_channels_for_spatial\.', r'\1.attn.position_gate.fc.'),
+    (r'^(layer\d+\.\d+)\.conv_for_DR\.', r'\1.attn.channel_gate.conv_reduce.'),
+    (r'^(layer\d+\.\d+)\.bn_for_DR\.', r'\1.attn.channel_gate.bn_reduce.'),
+    (r'^(layer\d+\.\d+)\.row_bn\.', r'\1.attn.channel_gate.row_bn.'),
+    (r'^(layer\d+\.\d+)\.row_conv_group\.', r'\1.attn.channel_gate.row_conv.'),
+    (r'^(layer\d+\.\d+)\.fc_adapt_channels\.', r'\1.attn.channel_gate.fc.'),
+    (r'^(layer\d+\.\d+)\.dilate_conv_for_concat1\.', r'\1.attn.fuse_channel.'),
+    (r'^(layer\d+\.\d+)\.dilate_conv_for_concat2\.', r'\1.attn.fuse_position.'),
+    (r'^(layer\d+\.\d+)\.bn_for_concat\.', r'\1.attn.fuse_bn.'),
     (r'^layer_reduce\.', 'global_pool.conv_reduce.'),
     (r'^layer_reduce_bn\.', 'global_pool.bn.'),
-)
+))
 _OFFICIAL_MARKERS = ('conv_for_DR', 'row_conv_group', 'layer_reduce', 'dilate_conv_for_concat', 'fc_adapt_channels')
 
 
@@ -350,16 +352,31 @@ def is_official_state_dict(state_dict: Dict[str, Any]) -> bool:
 
 
 def convert_official_state_dict(state_dict: Dict[str, Tensor]) -> Dict[str, Tensor]:
-    """Rename an official GSoP checkpoint's parameters (``module.`` prefix allowed) to ours."""
+    """Rename an official GSoP checkpoint's parameters (``module.`` prefix allowed) to ours.
+
+    The official code ran on PyTorch 0.4.0, whose BatchNorm had no ``num_batches_tracked``: missing
+    counters are added as zeros.
+    """
     out = {}
     for k, v in state_dict.items():
         k = k[len('module.'):] if k.startswith('module.') else k
-        for pattern, repl in _OFFICIAL_RENAMES:  # first match only: '_spatial' names contain the others
-            k, n = re.subn(pattern, repl, k)
+        for pattern, repl in _OFFICIAL_RENAMES:
+            k, n = pattern.subn(repl, k)
             if n:
                 break
         out[k] = v
+    for k in list(out):
+        if k.endswith('.running_mean'):
+            out.setdefault(k[:-len('running_mean')] + 'num_batches_tracked', torch.tensor(0, dtype=torch.long))
     return out
+
+
+def _official_keys_pre_hook(module, state_dict, prefix, *args) -> None:
+    keys = [k for k in state_dict if k.startswith(prefix)]
+    if not is_official_state_dict({k[len(prefix):]: None for k in keys}):
+        return
+    converted = convert_official_state_dict({k[len(prefix):]: state_dict.pop(k) for k in keys})
+    state_dict.update({prefix + k: v for k, v in converted.items()})
 
 
 def describe_checkpoint(state_dict: Dict[str, Tensor]) -> str:
@@ -386,7 +403,8 @@ def checkpoint_filter_fn(state_dict: Dict[str, Tensor], model: nn.Module) -> Dic
     """
     if 'state_dict' in state_dict and isinstance(state_dict['state_dict'], dict):
         state_dict = state_dict['state_dict']
-    state_dict = convert_official_state_dict(state_dict)
+    if is_official_state_dict(state_dict):
+        state_dict = convert_official_state_dict(state_dict)
     target = model.state_dict()
     skip = ('fc.weight', 'fc.bias')
     missing = [k for k in target if k not in state_dict and k not in skip]
