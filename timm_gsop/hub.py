@@ -453,7 +453,7 @@ def generate_model_card(
         f'`timm_gsop` package.',
         '',
         '## Model Details',
-        f'- **Model type:** image classification / feature backbone',
+        '- **Model type:** image classification / feature backbone',
         f'- **Architecture:** `{model_name}`. {_architecture_text(model_name, model_kwargs)}',
         f'- **Model arguments (config.json `model_args`):** `{json.dumps(model_kwargs, sort_keys=True)}`',
         f'- **Params (M):** {n_params / 1e6:.2f}',
@@ -548,7 +548,7 @@ def generate_model_card(
         '    features = model.forward_features(transform(img).unsqueeze(0))  # unpooled feature map',
         '    embedding = model.forward_head(features, pre_logits=True)  # pooled, before the classifier',
         '```', '',
-        f"A local copy of this folder loads the same way: `timm.create_model('local-dir:PATH', pretrained=True)`.",
+        "A local copy of this folder loads the same way: `timm.create_model('local-dir:PATH', pretrained=True)`.",
         '',
         '## Citation', '```bibtex', CITATION, '```', '',
     ]
