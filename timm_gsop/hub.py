@@ -35,7 +35,7 @@ from torch import nn
 import timm
 from huggingface_hub import HfApi
 
-from .models.gsop_resnet import convert_official_state_dict, describe_checkpoint, is_official_state_dict
+from .models.gsop_resnet import check_state_dict_fits, convert_official_state_dict, is_official_state_dict
 
 __all__ = [
     'ExportError', 'LoadedCheckpoint', 'read_checkpoint', 'build_model_from_checkpoint', 'export_checkpoint',
@@ -227,16 +227,6 @@ def _gsop_model_names() -> List[str]:
     return sorted(timm.list_models('gsop*'))
 
 
-def _fill_num_batches_tracked(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> List[str]:
-    """Add the BN step counters that checkpoints of PyTorch 0.4.0 lack (they do not affect inference)."""
-    filled = []
-    for k, v in model.state_dict().items():
-        if k.endswith('.num_batches_tracked') and k not in state_dict and k[:-len('num_batches_tracked')] + 'running_mean' in state_dict:
-            state_dict[k] = torch.zeros_like(v)
-            filled.append(k)
-    return filled
-
-
 def build_model_from_checkpoint(
         checkpoint: LoadedCheckpoint,
         model_name: str,
@@ -272,31 +262,14 @@ def build_model_from_checkpoint(
     except (TypeError, ValueError) as e:
         raise ExportError(f'cannot create {model_name} with {kwargs}: {e}') from e
 
-    state_dict = dict(checkpoint.state_dict)
-    filled = _fill_num_batches_tracked(state_dict, model)
-    if filled:
-        progress(f'the checkpoint has no BatchNorm num_batches_tracked buffers (PyTorch 0.4); set {len(filled)} to 0')
-    # Our own strict check (not checkpoint_filter_fn: the names are converted already).
-    target = model.state_dict()
-    missing = [k for k in target if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in target]
-    mismatched = [f'{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(target[k].shape)}'
-                  for k in target if k in state_dict and state_dict[k].shape != target[k].shape]
-    if missing or unexpected or mismatched:
-        def show(keys):
-            return ', '.join(keys[:8]) + (f' ... ({len(keys)} in all)' if len(keys) > 8 else '') if keys else 'none'
-        hint = 'Pass the model name and --model-kwargs the checkpoint was trained with.'
-        if user_keys & {'attn_mode', 'attn_dim', 'num_classes'}:
-            hint += (' (Without attn_mode / attn_dim / num_classes in --model-kwargs they are read from the '
-                     'weights.)')
-        raise ExportError(
-            f'checkpoint {checkpoint.path} does not fit {model_name}:\n'
-            f'  checkpoint looks like: {describe_checkpoint(state_dict)}\n'
-            f'  model is:              {describe_checkpoint(target)}\n'
-            f'  missing keys: {show(missing)}\n'
-            f'  unexpected keys: {show(unexpected)}\n'
-            f'  shape mismatches: {show(mismatched)}\n'
-            f'{hint}')
+    state_dict = checkpoint.state_dict
+    hint = 'Pass the model name and --model-kwargs the checkpoint was trained with.'
+    if user_keys & {'attn_mode', 'attn_dim', 'num_classes'}:
+        hint += ' (Without attn_mode / attn_dim / num_classes in --model-kwargs they are read from the weights.)'
+    try:
+        check_state_dict_fits(state_dict, model, hint=hint)
+    except ValueError as e:
+        raise ExportError(f'checkpoint {checkpoint.path} does not fit {model_name}: {e}') from e
     model.load_state_dict(state_dict, strict=True)
     return model.eval(), kwargs
 

@@ -394,6 +394,35 @@ def describe_checkpoint(state_dict: Dict[str, Tensor]) -> str:
     return f'{depth_name}, {net}, attn_mode={mode}{dim}'
 
 
+def check_state_dict_fits(
+        state_dict: Dict[str, Tensor],
+        model: nn.Module,
+        skip: Tuple[str, ...] = (),
+        hint: str = 'Create the model with the arguments the checkpoint was trained with '
+                    '(model name, attn_mode, attn_dim).',
+) -> None:
+    """Raise a ValueError naming missing, unexpected and mis-shaped keys (and what the checkpoint looks like)."""
+    target = model.state_dict()
+    missing = [k for k in target if k not in state_dict and k not in skip]
+    unexpected = [k for k in state_dict if k not in target and k not in skip]
+    mismatched = [
+        f'{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(target[k].shape)}'
+        for k in target if k in state_dict and k not in skip and state_dict[k].shape != target[k].shape]
+    if not (missing or unexpected or mismatched):
+        return
+
+    def show(keys):
+        return ', '.join(keys[:8]) + (f' ... ({len(keys)} in all)' if len(keys) > 8 else '') if keys else 'none'
+    raise ValueError(
+        f'Checkpoint does not fit this model.\n'
+        f'  checkpoint looks like: {describe_checkpoint(state_dict)}\n'
+        f'  model is:              {describe_checkpoint(target)}\n'
+        f'  missing keys: {show(missing)}\n'
+        f'  unexpected keys: {show(unexpected)}\n'
+        f'  shape mismatches: {show(mismatched)}\n'
+        f'{hint}')
+
+
 def checkpoint_filter_fn(state_dict: Dict[str, Tensor], model: nn.Module) -> Dict[str, Tensor]:
     """Convert official GSoP checkpoints, and check that a checkpoint fits ``model``.
 
@@ -405,24 +434,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, Tensor], model: nn.Module) -> Dic
         state_dict = state_dict['state_dict']
     if is_official_state_dict(state_dict):
         state_dict = convert_official_state_dict(state_dict)
-    target = model.state_dict()
-    skip = ('fc.weight', 'fc.bias')
-    missing = [k for k in target if k not in state_dict and k not in skip]
-    unexpected = [k for k in state_dict if k not in target and k not in skip]
-    mismatched = [
-        f'{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(target[k].shape)}'
-        for k in target if k in state_dict and k not in skip and state_dict[k].shape != target[k].shape]
-    if missing or unexpected or mismatched:
-        def show(keys):
-            return ', '.join(keys[:8]) + (f' ... ({len(keys)} in all)' if len(keys) > 8 else '') if keys else 'none'
-        raise ValueError(
-            f'Checkpoint does not fit this model.\n'
-            f'  checkpoint looks like: {describe_checkpoint(state_dict)}\n'
-            f'  model is:              {describe_checkpoint(target)}\n'
-            f'  missing keys: {show(missing)}\n'
-            f'  unexpected keys: {show(unexpected)}\n'
-            f'  shape mismatches: {show(mismatched)}\n'
-            f'Create the model with the arguments the checkpoint was trained with (model name, attn_mode, attn_dim).')
+    check_state_dict_fits(state_dict, model, skip=('fc.weight', 'fc.bias'))
     return state_dict
 
 
