@@ -1,0 +1,76 @@
+"""End to end with timm's real train.py: GSoP-Net2 with a fusion mode and EMA, 2 epochs on CPU.
+
+train.py is found as ``train_timm.sh`` finds it (TIMM_TRAIN_PY, or the checkout cached at the
+installed timm version's tag) but never fetched: without it these tests skip.
+"""
+import csv
+import os
+import runpy
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from timm_gsop.demo_data import make_demo_dataset
+from timm_gsop.recipes import RECIPES
+from timm_gsop.timm_scripts import TimmScriptNotFound, find_script
+
+
+def _train_py():
+    try:
+        return find_script('train.py', fetch=False)
+    except TimmScriptNotFound as e:
+        pytest.skip(f"timm's train.py is not available (set TIMM_TRAIN_PY to run this test): {e}".splitlines()[0])
+
+
+def test_recipes_parse_with_train_py():
+    """Every recipe argument is one train.py knows (argparse exits on an unknown option)."""
+    parser = runpy.run_path(_train_py(), run_name='timm_train')['parser']
+    for name, recipe in RECIPES.items():
+        args = parser.parse_args(recipe['args'] + ['--data-dir', '/data'])
+        assert args.epochs > 0, name
+
+
+def test_gsop2_fusion_ema_trains_and_reloads(tmp_path):
+    import timm
+    import timm_gsop  # noqa: F401
+
+    train_py = _train_py()
+    data = make_demo_dataset(str(tmp_path / 'data'), train_per_class=4, val_per_class=2, num_classes=2)
+    out = tmp_path / 'out'
+    cmd = [
+        sys.executable, '-m', 'timm_gsop.train',
+        '--data-dir', data, '--model', 'gsop2_resnet50', '--model-kwargs', 'attn_mode=fusion_avg',
+        '--num-classes', '2', '--img-size', '64', '--crop-pct', '1.0', '--device', 'cpu',
+        '--epochs', '2', '--batch-size', '4', '--validation-batch-size', '4', '--workers', '0',
+        '--opt', 'sgd', '--lr', '0.01', '--sched', 'cosine', '--warmup-epochs', '0',
+        '--model-ema', '--model-ema-decay', '0.9',
+        '--output', str(out), '--experiment', 'e2e', '--log-interval', '1', '--seed', '1',
+    ]
+    env = dict(os.environ, TIMM_TRAIN_PY=train_py, OMP_NUM_THREADS='2')
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=480)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    run = out / 'e2e'
+    with open(run / 'summary.csv') as f:
+        rows = list(csv.DictReader(f))
+    assert [r['epoch'] for r in rows] == ['0', '1']
+    assert all(float(r['eval_top1']) >= 0 for r in rows)
+
+    best = run / 'model_best.pth.tar'
+    ckpt = torch.load(best, map_location='cpu', weights_only=False)
+    assert 'state_dict_ema' in ckpt  # --model-ema saved its weights
+    model = timm.create_model(
+        'gsop2_resnet50', attn_mode='fusion_avg', num_classes=2, checkpoint_path=str(best)).eval()
+    # create_model loads the EMA weights of a timm checkpoint: those, not the raw ones, are in the model.
+    sd = model.state_dict()
+    assert all(torch.equal(sd[k], v) for k, v in ckpt['state_dict_ema'].items())
+    assert any(not torch.equal(ckpt['state_dict'][k], v) for k, v in ckpt['state_dict_ema'].items())
+    with torch.no_grad():
+        y = model(torch.randn(2, 3, 64, 64))
+    assert y.shape == (2, 2) and torch.isfinite(y).all()
+
+    # The checkpoint is specific to the architecture it was trained as.
+    with pytest.raises(RuntimeError):
+        timm.create_model('gsop2_resnet50', attn_mode='fusion_concat', num_classes=2, checkpoint_path=str(best))

@@ -1,0 +1,209 @@
+"""train_timm.sh and timm_gsop.timm_scripts, without timm's train.py and without the network.
+
+The shell script is run with ``--dry-run`` (it prints the command it would run); finding train.py
+is tested with a temporary cache and a clone URL that cannot work.
+"""
+import argparse
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from timm_gsop import recipes
+from timm_gsop.timm_scripts import TimmScriptNotFound, checkout_dir, find_script, timm_git_ref
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / 'train_timm.sh'
+_ENV_VARS = ('TIMM_TRAIN_PY', 'TIMM_VALIDATE_PY', 'TIMM_GSOP_CACHE_DIR', 'TIMM_GSOP_TIMM_REPO', 'TIMM_GSOP_DEMO_DIR')
+
+
+@pytest.fixture
+def offline(tmp_path, monkeypatch):
+    """No TIMM_*_PY, an empty cache, and a clone that fails at once (a local path that is not a repo)."""
+    for var in _ENV_VARS:
+        monkeypatch.delenv(var, raising=False)
+    cache = tmp_path / 'cache'
+    monkeypatch.setenv('TIMM_GSOP_CACHE_DIR', str(cache))
+    monkeypatch.setenv('TIMM_GSOP_TIMM_REPO', str(tmp_path / 'no-such-repo'))
+    return cache
+
+
+def run_sh(*args, env=None, cwd=None):
+    env = dict(os.environ if env is None else env, PYTHON=sys.executable)
+    return subprocess.run(
+        ['bash', str(SCRIPT), *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+def dry_run(*args, **kwargs):
+    proc = run_sh('--dry-run', *args, **kwargs)
+    assert proc.returncode == 0, proc.stderr
+    return shlex.split(proc.stdout)
+
+
+def train_args(cmd):
+    """The arguments that go to train.py: what follows ``-m timm_gsop.train``."""
+    i = cmd.index('timm_gsop.train')
+    assert cmd[i - 1] == '-m'
+    return cmd[i + 1:]
+
+
+def test_user_args_pass_through_unchanged(tmp_path):
+    user = ['--data-dir', str(tmp_path / 'my data'), '--model', 'gsop2_resnet101',
+            '--model-kwargs', 'attn_mode=fusion_max', 'attn_dim=64', '--experiment=a b "c"', '--amp']
+    cmd = dry_run(*user[:4], '--dry-run', *user[4:])  # own options may sit anywhere
+    assert cmd[:3] == [sys.executable, '-m', 'timm_gsop.train']
+    assert train_args(cmd) == user
+
+
+def test_recipe_first_then_user_args_win(tmp_path):
+    cmd = dry_run('--recipe', 'paper-net1', '--data-dir', str(tmp_path), '--epochs', '3', '--model', 'gsop2_resnet101')
+    args = train_args(cmd)
+    rec = recipes.recipe_args('paper-net1')
+    assert args == rec + ['--data-dir', str(tmp_path), '--epochs', '3', '--model', 'gsop2_resnet101']
+    # argparse (train.py's parser) keeps the last occurrence: the user's values.
+    parser = argparse.ArgumentParser()
+    parser.add_argument('--epochs', type=int)
+    parser.add_argument('--model')
+    parsed, _ = parser.parse_known_args(args)
+    assert (parsed.epochs, parsed.model) == (3, 'gsop2_resnet101')
+
+
+def test_recipes_are_what_the_paper_and_brief_say():
+    def value(args, opt, n=1):
+        i = len(args) - 1 - args[::-1].index(opt)
+        return args[i + 1:i + 1 + n]
+
+    net1, net2, cifar = (recipes.recipe_args(n) for n in ('paper-net1', 'paper-net2', 'cifar100'))
+    assert value(net1, '--epochs') == ['95'] and value(net1, '--decay-milestones', 3) == ['30', '60', '90']
+    assert value(net2, '--epochs') == ['65'] and value(net2, '--decay-milestones', 3) == ['30', '45', '60']
+    for r in (net1, net2):
+        assert value(r, '--opt') == ['sgd'] and value(r, '--momentum') == ['0.9']
+        assert value(r, '--lr-base') == ['0.1'] and value(r, '--lr-base-size') == ['256']
+        assert value(r, '--weight-decay') == ['1e-4'] and value(r, '--batch-size') == ['256']
+        assert value(r, '--color-jitter') == ['0'] and value(r, '--smoothing') == ['0'] and '--aa' not in r
+    assert value(cifar, '--dataset') == ['torch/cifar100'] and '--dataset-download' in cifar
+    assert value(cifar, '--epochs') == ['164'] and value(cifar, '--decay-milestones', 2) == ['81', '122']
+    assert value(cifar, '--lr') == ['0.1'] and value(cifar, '--batch-size') == ['128']
+    assert value(cifar, '--img-size') == ['32'] and value(cifar, '--model')[0].endswith('_cifar')
+    a3 = recipes.recipe_args('rsb-a3')
+    assert value(a3, '--opt') == ['lamb'] and value(a3, '--sched') == ['cosine'] and '--model-ema' in a3
+
+
+def test_unknown_recipe_lists_recipes(tmp_path):
+    proc = run_sh('--dry-run', '--recipe', 'paper-net3', '--data-dir', str(tmp_path))
+    assert proc.returncode != 0 and proc.stdout == ''
+    assert "Unknown recipe 'paper-net3'" in proc.stderr
+    for name in recipes.recipe_names():
+        assert name in proc.stderr
+
+
+def test_recipe_without_dataset_is_refused():
+    proc = run_sh('--dry-run', '--recipe', 'paper-net2')
+    assert proc.returncode != 0 and '--data-dir' in proc.stderr
+
+
+def test_torchrun_single_node(tmp_path):
+    cmd = dry_run('--nproc-per-node', '8', '--recipe', 'paper-net2', '--data-dir', str(tmp_path), '--batch-size', '32')
+    i = cmd.index('-m')
+    assert cmd[:i + 2] == [sys.executable, '-m', 'torch.distributed.run']
+    launcher = cmd[i + 2:cmd.index('timm_gsop.train') - 1]
+    assert launcher == ['--nproc-per-node', '8', '--standalone']
+    assert train_args(cmd)[-4:] == ['--data-dir', str(tmp_path), '--batch-size', '32']
+
+
+def test_torchrun_multi_node(tmp_path):
+    cmd = dry_run('--nproc-per-node=8', '--nnodes', '2', '--node-rank', '1', '--rdzv-endpoint', 'node0:29500',
+                  '--data-dir', str(tmp_path))
+    launcher = cmd[cmd.index('torch.distributed.run') + 1:cmd.index('timm_gsop.train') - 1]
+    assert launcher == ['--nproc-per-node', '8', '--nnodes', '2', '--node-rank', '1', '--rdzv-endpoint', 'node0:29500']
+    assert train_args(cmd) == ['--data-dir', str(tmp_path)]
+    proc = run_sh('--dry-run', '--nproc-per-node', '8', '--nnodes', '2', '--node-rank', '0', '--data-dir', str(tmp_path))
+    assert proc.returncode != 0 and '--rdzv-endpoint' in proc.stderr
+
+
+def test_demo_dry_run_writes_nothing(tmp_path, monkeypatch):
+    import torch
+    demo_dir = tmp_path / 'demo'
+    env = dict(os.environ, TIMM_GSOP_DEMO_DIR=str(demo_dir))
+    args = train_args(dry_run('--epochs', '1', env=env, cwd=tmp_path))
+    assert args[args.index('--data-dir') + 1] == str(demo_dir)
+    assert args[args.index('--device') + 1] == ('cuda' if torch.cuda.is_available() else 'cpu')
+    assert args[-2:] == ['--epochs', '1'] and args.count('--epochs') == 2  # the user's comes last
+    assert args[args.index('--output') + 1] == str(tmp_path / 'output' / 'train')
+    assert not demo_dir.exists() and not (tmp_path / 'output').exists()
+
+
+def test_help_documents_own_options():
+    proc = run_sh('--help')
+    assert proc.returncode == 0
+    for opt in ('--recipe', '--nproc-per-node', '--nnodes', '--node-rank', '--rdzv-endpoint', '--dry-run',
+                '--help-train', 'TIMM_TRAIN_PY', *recipes.recipe_names()):
+        assert opt in proc.stdout
+
+
+def test_not_found_message(offline, tmp_path):
+    with pytest.raises(TimmScriptNotFound) as e:
+        find_script('train.py')
+    msg = str(e.value)
+    assert 'export TIMM_TRAIN_PY=' in msg and 'git clone --depth 1 --branch' in msg
+    assert str(checkout_dir()) in msg and 'no-such-repo' in msg  # where it looked, why the fetch failed
+    assert not offline.exists() or not any(offline.iterdir())  # no half checkout left behind
+
+
+def test_not_found_without_git(offline, tmp_path, monkeypatch):
+    monkeypatch.setenv('PATH', str(tmp_path / 'empty-bin'))
+    with pytest.raises(TimmScriptNotFound, match='git is not installed') as e:
+        find_script('validate.py')
+    assert 'export TIMM_VALIDATE_PY=' in str(e.value)
+
+
+def test_script_stops_with_the_message_when_offline(offline, tmp_path):
+    demo_dir = tmp_path / 'demo'
+    proc = run_sh('--epochs', '1', env=dict(os.environ, TIMM_GSOP_DEMO_DIR=str(demo_dir)), cwd=tmp_path)
+    assert proc.returncode == 2
+    assert 'export TIMM_TRAIN_PY=' in proc.stderr
+    assert not demo_dir.exists()  # stopped before doing any work
+
+
+def test_lookup_order(offline, tmp_path, monkeypatch):
+    cached = Path(checkout_dir())
+    cached.mkdir(parents=True)
+    (cached / 'train.py').write_text('')
+    (cached / 'validate.py').write_text('')
+    assert find_script('train.py') == str(cached / 'train.py')  # the cache, no clone needed
+
+    own = tmp_path / 'own'
+    own.mkdir()
+    (own / 'train.py').write_text('')
+    (own / 'validate.py').write_text('')
+    monkeypatch.setenv('TIMM_TRAIN_PY', str(own / 'train.py'))
+    assert find_script('train.py') == str(own / 'train.py')  # the variable wins
+    assert find_script('validate.py') == str(own / 'validate.py')  # ... and validate.py sits beside it
+    monkeypatch.setenv('TIMM_TRAIN_PY', str(own / 'missing.py'))
+    with pytest.raises(TimmScriptNotFound, match='TIMM_TRAIN_PY'):
+        find_script('train.py')
+
+
+def test_git_ref():
+    assert timm_git_ref('1.0.31') == 'v1.0.31'
+    assert timm_git_ref('1.0.29.dev0') == 'main'  # no tag for a development build
+    assert checkout_dir('v1.0.31').endswith('pytorch-image-models-v1.0.31')
+
+
+def test_module_runs_script_as_main_with_models_registered(tmp_path):
+    fake = tmp_path / 'train.py'
+    fake.write_text(
+        'import json, sys, timm\n'
+        'if __name__ == "__main__":\n'
+        '    print(json.dumps(dict(argv=sys.argv, gsop="gsop2_resnet50" in timm.list_models("gsop*"))))\n')
+    env = dict(os.environ, TIMM_TRAIN_PY=str(fake))
+    proc = subprocess.run(
+        [sys.executable, '-m', 'timm_gsop.train', '--model', 'gsop2_resnet50', '--x=1 2'],
+        env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    import json
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out == dict(argv=[str(fake), '--model', 'gsop2_resnet50', '--x=1 2'], gsop=True)

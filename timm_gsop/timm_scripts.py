@@ -1,0 +1,166 @@
+"""Find timm's reference scripts (train.py, validate.py) and run them with the GSoP models registered.
+
+The scripts live in timm's repository, not in its pip package. They are looked up in this order:
+
+1. ``TIMM_TRAIN_PY`` / ``TIMM_VALIDATE_PY``: path to the script (or to a checkout holding it). When
+   only ``TIMM_TRAIN_PY`` is set, validate.py is taken from beside it.
+2. A checkout in the cache, ``<cache>/pytorch-image-models-<tag>``, where ``<tag>`` is the installed
+   timm version's git tag (``v1.0.31``) so the scripts match the library they import. ``<cache>`` is
+   ``TIMM_GSOP_CACHE_DIR``, else ``$XDG_CACHE_HOME/timm_gsop``, else ``~/.cache/timm_gsop``.
+3. ``git clone --depth 1 --branch <tag>`` of ``TIMM_GSOP_TIMM_REPO`` (default: timm's GitHub
+   repository) into that cache.
+
+When all fail (offline, no git) a ``TimmScriptNotFound`` says how to set the variables.
+
+    python -m timm_gsop.timm_scripts train.py     # print the path, fetching the checkout if needed
+    python timm_gsop/timm_scripts.py --cache-dir  # print the cache folder (stdlib only: no torch import)
+"""
+import os
+import runpy
+import shutil
+import subprocess
+import sys
+from typing import Optional
+
+__all__ = ['TimmScriptNotFound', 'timm_git_ref', 'cache_dir', 'checkout_dir', 'find_script', 'run_script']
+
+TIMM_REPO_URL = 'https://github.com/huggingface/pytorch-image-models'
+SCRIPT_ENV = {'train.py': 'TIMM_TRAIN_PY', 'validate.py': 'TIMM_VALIDATE_PY'}
+_CLONE_TIMEOUT = 600
+
+
+class TimmScriptNotFound(RuntimeError):
+    pass
+
+
+def timm_git_ref(version: Optional[str] = None) -> str:
+    """Git ref of a timm version: its release tag, or ``main`` for a development build (no tag yet)."""
+    if version is None:
+        try:  # the installed distribution's metadata: no torch import
+            from importlib.metadata import version as dist_version
+            version = dist_version('timm')
+        except Exception:
+            import timm
+            version = timm.__version__
+    version = version.split('+')[0]
+    return 'main' if 'dev' in version else f'v{version}'
+
+
+def cache_dir() -> str:
+    path = os.environ.get('TIMM_GSOP_CACHE_DIR')
+    if not path:
+        base = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
+        path = os.path.join(base, 'timm_gsop')
+    return path
+
+
+def checkout_dir(ref: Optional[str] = None) -> str:
+    return os.path.join(cache_dir(), f'pytorch-image-models-{ref or timm_git_ref()}')
+
+
+def _from_env(name: str) -> Optional[str]:
+    var = SCRIPT_ENV[name]
+    value = os.environ.get(var)
+    if not value and name != 'train.py' and os.environ.get('TIMM_TRAIN_PY'):
+        # A checkout's scripts sit side by side: TIMM_TRAIN_PY alone is enough.
+        var, value = 'TIMM_TRAIN_PY', os.path.join(os.path.dirname(os.environ['TIMM_TRAIN_PY']), name)
+    if not value:
+        return None
+    path = os.path.join(value, name) if os.path.isdir(value) else value
+    if not os.path.isfile(path):
+        raise TimmScriptNotFound(f'{var} is set to {value!r}, but {path} is not a file.')
+    return os.path.abspath(path)
+
+
+def _clone(ref: str, dest: str) -> None:
+    """Shallow clone into a temporary folder, then rename: concurrent callers never see half a checkout."""
+    git = shutil.which('git')
+    if git is None:
+        raise TimmScriptNotFound('git is not installed')
+    url = os.environ.get('TIMM_GSOP_TIMM_REPO') or TIMM_REPO_URL
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    tmp = f'{dest}.tmp{os.getpid()}'
+    shutil.rmtree(tmp, ignore_errors=True)
+    cmd = [git, 'clone', '--quiet', '--depth', '1', '--branch', ref, url, tmp]
+    print(f'timm_gsop: fetching timm\'s scripts: {" ".join(cmd[:-1])} {dest}', file=sys.stderr)
+    env = dict(os.environ, GIT_TERMINAL_PROMPT='0')  # fail instead of asking for credentials
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=_CLONE_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise TimmScriptNotFound(f'git clone of {url} timed out after {_CLONE_TIMEOUT} s')
+    if proc.returncode != 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise TimmScriptNotFound(f'git clone of {url} at {ref} failed: {proc.stderr.strip() or proc.returncode}')
+    try:
+        os.replace(tmp, dest)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)  # another process finished first
+        if not os.path.isdir(dest):
+            raise
+
+
+def find_script(name: str = 'train.py', fetch: bool = True) -> str:
+    """Absolute path of timm's ``train.py`` or ``validate.py`` (see the module docstring for the order)."""
+    if name not in SCRIPT_ENV:
+        raise ValueError(f'Unknown timm script {name!r}; known: {", ".join(SCRIPT_ENV)}')
+    path = _from_env(name)
+    if path:
+        return path
+    ref = timm_git_ref()
+    dest = checkout_dir(ref)
+    path = os.path.join(dest, name)
+    if os.path.isfile(path):
+        return path
+    reason = 'fetching was turned off'
+    if fetch:
+        try:
+            _clone(ref, dest)
+        except (TimmScriptNotFound, OSError) as e:
+            reason = str(e)
+        else:
+            if os.path.isfile(path):
+                return path
+            reason = f'the checkout at {dest} has no {name}'
+    var = SCRIPT_ENV[name]
+    raise TimmScriptNotFound(
+        f"timm's {name} was not found: {var} is not set, there is no checkout at {dest}, "
+        f'and it could not be fetched ({reason}).\n'
+        f"{name} ships with timm's source repository, not with the pip package. Either\n"
+        f'  export {var}=/path/to/pytorch-image-models/{name}\n'
+        f'with a checkout at the installed timm version ({ref}), or make one where it is looked for:\n'
+        f'  git clone --depth 1 --branch {ref} {TIMM_REPO_URL} {dest}')
+
+
+def run_script(name: str, argv=None) -> None:
+    """Run timm's ``name`` as ``__main__`` with ``argv`` (default: this process's arguments)."""
+    import timm_gsop  # noqa: F401  registers the GSoP models in timm's registry
+
+    try:
+        path = find_script(name)
+    except TimmScriptNotFound as e:
+        print(f'timm_gsop: {e}', file=sys.stderr)
+        sys.exit(2)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    sys.argv = [path] + argv  # argparse shows the script's name
+    sys.path.insert(0, os.path.dirname(path))  # as `python train.py` would
+    runpy.run_path(path, run_name='__main__')
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv == ['--cache-dir']:
+        print(cache_dir())
+        return
+    if len(argv) != 1 or argv[0] not in SCRIPT_ENV:
+        print(f'usage: python -m timm_gsop.timm_scripts {{{",".join(SCRIPT_ENV)}|--cache-dir}}', file=sys.stderr)
+        sys.exit(2)
+    try:
+        print(find_script(argv[0]))
+    except TimmScriptNotFound as e:
+        print(f'timm_gsop: {e}', file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == '__main__':
+    main()
