@@ -59,8 +59,9 @@ class GSoPChannelGate(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x = self.act(self.bn_reduce(self.conv_reduce(F.relu(x))))
         x = covariance(x).unsqueeze(-1)  # (B, d, d, 1)
-        x = self.row_conv(self.row_bn(x))  # (B, 4d, 1, 1)
-        return torch.sigmoid(self.fc(x))
+        x = _row_wise_conv(self.row_bn(x), self.row_conv.weight, self.row_conv.bias)  # (B, 4d), one bmm
+        x = _pointwise(x, self.fc.weight, self.fc.bias)  # self.fc on a 1x1 map, as a linear layer
+        return torch.sigmoid(x).view(x.shape[0], x.shape[1], 1, 1)
 
 
 class GSoPPositionGate(nn.Module):
@@ -93,9 +94,30 @@ class GSoPPositionGate(nn.Module):
         x = self.bn_reduce(self.conv_reduce(F.relu(x)))  # no activation here in the official block
         x = F.adaptive_avg_pool2d(x, self.pool_size)
         x = position_covariance(x).unsqueeze(-1)  # (B, P, P, 1)
-        x = self.fc(self.act(self.row_conv(self.row_bn(x))))
+        x = _row_wise_conv(self.row_bn(x), self.row_conv.weight, self.row_conv.bias)  # (B, 4P)
+        x = _pointwise(self.act(x), self.fc.weight, self.fc.bias)  # (B, P)
         x = torch.sigmoid(x).view(x.shape[0], 1, self.pool_size, self.pool_size)
         return F.adaptive_avg_pool2d(x, out_size)
+
+
+def _row_wise_conv(mats: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """The row-wise convolution of (B, R, R, 1) matrices, as a batched matrix product.
+
+    ``weight`` (k * R, 1, R, 1) and ``bias`` are those of the grouped conv with one group per row
+    and an (R, 1) kernel (``row_conv``); output channel ``k * i + j`` is row i dotted with filter
+    ``weight[k * i + j]``, exactly as the conv computes it. One einsum (a bmm over the rows) is
+    several times faster than the grouped conv on CPU, forward and backward. Returns (B, k * R).
+    """
+    rows = mats.flatten(2)  # (B, R, R)
+    out = torch.einsum('bil,ikl->bik', rows, weight.reshape(rows.shape[1], -1, rows.shape[2])).flatten(1)
+    if bias is not None:
+        out = out + bias
+    return out
+
+
+def _pointwise(v: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """A 1x1 conv (``weight`` (C_out, C_in, 1, 1)) on (B, C_in) vectors, i.e. a 1x1 map: (B, C_out)."""
+    return F.linear(v, weight.flatten(1), bias)
 
 
 def _concat_fuse_kernel(channels: int) -> Tuple[int, int, int]:

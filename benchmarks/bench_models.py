@@ -1,0 +1,256 @@
+"""Whole-model benchmark of GSoP-Net: parameters, GFLOPs, throughput, peak memory, GSoP overhead.
+
+    python benchmarks/bench_models.py [--device cpu|cuda] [--threads N] [--batch B] [--reps R]
+                                      [--depths 50,101] [--no-timm] [--quick] [--out FILE]
+
+Rows: GSoP-Net1 / GSoP-Net2 (``gsop_resnet*`` / ``gsop2_resnet*``), the same models with
+``attn_mode='none'`` (their own backbones: same trunk and head, no GSoP block), and timm's
+``resnet50``, ``seresnet50``, ``ecaresnet50d`` for reference.
+
+* Inference: one forward of a batch in eval mode under ``torch.inference_mode``.
+* Training step: forward in train mode, cross-entropy, backward, SGD (momentum) step.
+* Timings interleave the models: every repetition runs each model once, in an order reversed on
+  every other repetition, so a model and its backbone are measured side by side; the table gives
+  medians. The overhead of a GSoP model is the median over repetitions of
+  (time of the model / time of its backbone measured in the same repetition) - 1.
+* Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` over one step (after the timed
+  runs' warm-up, so it includes parameters, buffers, optimizer state and the input batch); on CPU
+  the same sum computed as parameters + buffers + input batch (+ optimizer state for the training
+  step) plus the peak of what torch's CPU allocator holds on top of them during one step
+  (profiler memory events).
+* On CUDA (default there): batch 128, bf16 autocast, channels_last, torch.compile of each model
+  (``--no-compile``, ``--no-amp``, ``--no-channels-last`` turn them off). On CPU (default there):
+  batch 8, float32, eager, all cores (``--threads``).
+"""
+import argparse
+import contextlib
+import os
+import sys
+import time
+from typing import Dict, List, Optional
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from _common import (count_flops, count_params, cpu_step_peak_bytes, create, fmt, machine_line,  # noqa: E402
+                     markdown_table, median, model_specs, tensor_bytes, write_atomic)
+
+
+class Runner:
+    """One model with its optimizer, input batch and the two timed steps."""
+
+    def __init__(self, label: str, name: str, kwargs: dict, ref: Optional[str], device: torch.device, batch: int,
+                 img_size: int, amp: bool, channels_last: bool, compile_model: bool):
+        self.label, self.ref = label, ref
+        self.device, self.amp = device, amp
+        model = create(name, kwargs)
+        self.params = count_params(model)
+        self.flops = count_flops(model, img_size)
+        model = model.to(device)
+        fmt_ = torch.channels_last if channels_last else torch.contiguous_format
+        if channels_last:
+            model = model.to(memory_format=fmt_)
+        self.model = model
+        self.fwd = torch.compile(model) if compile_model else model
+        self.opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+        gen = torch.Generator().manual_seed(0)
+        self.x = torch.randn(batch, 3, img_size, img_size, generator=gen).to(device).contiguous(memory_format=fmt_)
+        self.y = torch.randint(0, 1000, (batch,), generator=gen).to(device)
+        self.batch = batch
+        self.t_infer: List[float] = []
+        self.t_train: List[float] = []
+        self.mem_infer = self.mem_train = None
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.amp else contextlib.nullcontext()
+
+    def _sync(self):
+        if self.device.type == 'cuda':
+            torch.cuda.synchronize(self.device)
+
+    def infer(self) -> None:
+        self.model.eval()
+        with torch.inference_mode(), self._autocast():
+            self.fwd(self.x)
+
+    def train_step(self) -> None:
+        self.model.train()
+        self.opt.zero_grad(set_to_none=True)
+        with self._autocast():
+            loss = F.cross_entropy(self.fwd(self.x), self.y)
+        loss.backward()
+        self.opt.step()
+
+    def timed(self, fn) -> float:
+        self._sync()
+        t0 = time.perf_counter()
+        fn()
+        self._sync()
+        return time.perf_counter() - t0
+
+    def static_bytes(self) -> int:
+        state = [t for s in self.opt.state.values() for t in s.values() if torch.is_tensor(t)]
+        return tensor_bytes(list(self.model.parameters()) + list(self.model.buffers()) + state)
+
+    def measure_memory(self) -> None:
+        if self.device.type == 'cuda':
+            for attr, fn in (('mem_infer', self.infer), ('mem_train', self.train_step)):
+                torch.cuda.synchronize(self.device)
+                torch.cuda.reset_peak_memory_stats(self.device)
+                fn()
+                torch.cuda.synchronize(self.device)
+                setattr(self, attr, torch.cuda.max_memory_allocated(self.device))
+        else:
+            weights = tensor_bytes(list(self.model.parameters()) + list(self.model.buffers()) + [self.x, self.y])
+            self.mem_infer = weights + cpu_step_peak_bytes(self.infer)
+            self.mem_train = self.static_bytes() + tensor_bytes([self.x, self.y]) + cpu_step_peak_bytes(self.train_step)
+
+
+def paired_overhead(a: List[float], b: List[float]) -> float:
+    """Median over repetitions of a_r / b_r - 1, in %."""
+    return 100.0 * median([x / y - 1.0 for x, y in zip(a, b)])
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: all cores)')
+    parser.add_argument('--batch', type=int, default=None, help='default: 8 on CPU, 128 on GPU')
+    parser.add_argument('--img-size', type=int, default=224)
+    parser.add_argument('--reps', type=int, default=None, help='timed repetitions (default: 5 on CPU, 20 on GPU)')
+    parser.add_argument('--warmup', type=int, default=None, help='untimed repetitions (default: 1 on CPU, 3 on GPU)')
+    parser.add_argument('--depths', default=None, help='GSoP-Net depths, e.g. 50 or 50,101 (default: 50 on CPU, '
+                                                       '50,101 on GPU)')
+    parser.add_argument('--no-timm', action='store_true', help="leave out timm's resnet50 / seresnet50 / ecaresnet50d")
+    parser.add_argument('--no-train', action='store_true', help='inference only')
+    parser.add_argument('--no-memory', action='store_true', help='skip the peak-memory measurement')
+    parser.add_argument('--amp', action=argparse.BooleanOptionalAction, default=None,
+                        help='bf16 autocast (default: on for GPU, off for CPU)')
+    parser.add_argument('--channels-last', action=argparse.BooleanOptionalAction, default=None,
+                        help='channels_last (default: on for GPU, off for CPU)')
+    parser.add_argument('--compile', action=argparse.BooleanOptionalAction, default=None,
+                        help='torch.compile each model (default: on for GPU, off for CPU)')
+    parser.add_argument('--quick', action='store_true',
+                        help='ResNet-50 GSoP models only, 2 repetitions, no timm models, no memory')
+    parser.add_argument('--out', help='also write the tables to this file (atomically)')
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    gpu = device.type == 'cuda'
+    threads = args.threads or os.cpu_count()
+    torch.set_num_threads(threads)
+    batch = args.batch or (128 if gpu else 8)
+    amp = gpu if args.amp is None else args.amp
+    channels_last = gpu if args.channels_last is None else args.channels_last
+    compile_model = gpu if args.compile is None else args.compile
+    reps = args.reps or (2 if args.quick else (20 if gpu else 5))
+    warmup = args.warmup if args.warmup is not None else (3 if gpu or compile_model else 1)
+    depths = [int(d) for d in (args.depths or ('50' if args.quick or not gpu else '50,101')).split(',')]
+    timm_baselines = not (args.no_timm or args.quick)
+    measure_mem = not (args.no_memory or args.quick)
+    train = not args.no_train
+    if gpu:
+        torch.backends.cudnn.benchmark = True
+
+    t_start = time.time()
+    torch.manual_seed(0)
+    specs = model_specs(depths, timm_baselines)
+    runners = [Runner(label, name, kw, ref, device, batch, args.img_size, amp, channels_last, compile_model)
+               for label, name, kw, ref in specs]
+    by_label: Dict[str, Runner] = {r.label: r for r in runners}
+
+    def log(msg):
+        print(f'[{time.time() - t_start:6.0f} s] {msg}', file=sys.stderr, flush=True)
+
+    sync_note = ''
+    if gpu:
+        # No host synchronisation inside the forward pass: an eager forward of each GSoP model with
+        # CUDA's sync debug mode set to raise on any synchronising call.
+        bad = []
+        for r in runners:
+            if r.label.startswith('gsop'):
+                r.model.eval()
+                torch.cuda.set_sync_debug_mode('error')
+                try:
+                    with torch.inference_mode(), r._autocast():
+                        r.model(r.x)
+                except RuntimeError as e:
+                    bad.append(f'{r.label}: {str(e).splitlines()[0]}')
+                finally:
+                    torch.cuda.set_sync_debug_mode('default')
+        sync_note = ('No host synchronisation in the eager forward of the GSoP models (CUDA sync debug mode).'
+                     if not bad else 'Host synchronisation in the forward pass: ' + '; '.join(bad))
+        log(sync_note)
+    log(f'{len(runners)} models built; warm-up x{warmup}')
+    for _ in range(warmup):
+        for r in runners:
+            r.infer()
+            if train:
+                r.train_step()
+    if measure_mem:
+        for r in runners:
+            r.measure_memory()
+        log('memory measured')
+    for rep in range(reps):
+        order = runners if rep % 2 == 0 else runners[::-1]
+        for r in order:
+            r.t_infer.append(r.timed(r.infer))
+            if train:
+                r.t_train.append(r.timed(r.train_step))
+        log(f'repetition {rep + 1}/{reps}: ' + ', '.join(
+            f'{r.label.split(" ")[0]}{"*" if "none" in r.label else ""} {r.t_infer[-1]:.2f}/'
+            f'{r.t_train[-1] if train else 0:.2f}' for r in runners))
+
+    rows = []
+    for r in runners:
+        ref = by_label.get(r.ref) if r.ref else None
+        rows.append([
+            f'`{r.label}`', fmt(r.params / 1e6, 2), fmt(r.flops / 1e9, 2),
+            fmt(batch / median(r.t_infer), 1),
+            fmt(batch / median(r.t_train), 1) if train else '–',
+            fmt(r.mem_infer / 2 ** 20, 0) if r.mem_infer else '–',
+            fmt(r.mem_train / 2 ** 20, 0) if r.mem_train else '–',
+            fmt(paired_overhead(r.t_infer, ref.t_infer), 1, signed=True) if ref else '',
+            fmt(paired_overhead(r.t_train, ref.t_train), 1, signed=True) if ref and train else '',
+            f'`{r.ref}`' if ref else '',
+        ])
+    header = ['Model', 'Params (M)', f'GFLOPs @ {args.img_size}', 'Infer (img/s)', 'Train step (img/s)',
+              'Peak mem infer (MiB)', 'Peak mem train (MiB)', 'Overhead infer (%)', 'Overhead train (%)',
+              'Overhead measured over']
+    table = markdown_table(header, rows)
+
+    # Targets of issue 5 on the GSoP models of each depth.
+    trows = []
+    for depth in depths:
+        n1, n2 = f'gsop_resnet{depth}', f'gsop2_resnet{depth}'
+        trunk = by_label[f'{n1} (attn_mode=none)']
+        for label, limit, what in ((n1, 5.0, 'GSoP-Net1: GSoP blocks over its backbone'),
+                                   (n2, 10.0, 'GSoP-Net2: blocks + iSQRT-COV head over the plain trunk')):
+            r = by_label[label]
+            for kind, a, b in (('inference', r.t_infer, trunk.t_infer), ('training step', r.t_train, trunk.t_train)):
+                if not a:
+                    continue
+                ov = paired_overhead(a, b)
+                flop_share = 100.0 * (r.flops - trunk.flops) / trunk.flops
+                trows.append([f'`{label}`', what, kind, fmt(ov, 1, signed=True), fmt(flop_share, 1, signed=True),
+                              f'<= {limit:.0f}', 'met' if ov <= limit else 'NOT met'])
+    ttable = markdown_table(['Model', 'Added part', 'Step', 'Added time (%)', 'Added GFLOPs (%)', 'Target (%)',
+                             'Result'], trows, 'lllrrrl')
+
+    settings = (f'batch {batch} @ {args.img_size} px, float32{" + bf16 autocast" if amp else ""}'
+                f'{", channels_last" if channels_last else ""}{", torch.compile" if compile_model else ", eager"}, '
+                f'{warmup} warm-up + {reps} timed repetitions, models interleaved, medians; '
+                f'wall time {time.time() - t_start:.0f} s')
+    text = (f'Machine: {machine_line(device, threads)}\n'
+            f'Settings: {settings}.\n\n{table}\n\n'
+            f'GSoP cost targets (issue 5), paired medians of the same run:\n\n{ttable}\n'
+            + (f'\n{sync_note}\n' if sync_note else ''))
+    print(text, end='')
+    if args.out:
+        write_atomic(args.out, text)
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,95 @@
+"""The benchmarks' naive reference must compute what our layers compute, or timing it means nothing.
+
+No timing is asserted here: benchmarks are not tests.
+"""
+import importlib.util
+import os
+import sys
+
+import pytest
+import torch
+
+from timm_gsop.layers import ATTN_MODES, GSoPAttn, IsqrtCovPool, covariance, position_covariance, \
+    sqrtm_newton_schulz, triu_vec
+
+_BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'benchmarks')
+
+
+def _load(name):
+    sys.path.insert(0, _BENCH)
+    try:
+        spec = importlib.util.spec_from_file_location(name, os.path.join(_BENCH, f'{name}.py'))
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+    finally:
+        sys.path.remove(_BENCH)
+
+
+@pytest.fixture(scope='module')
+def ops():
+    return _load('bench_gsop_ops')
+
+
+def _close(a, b):
+    assert a.shape == b.shape
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-10 * max(1.0, b.abs().max().item()))
+
+
+def test_naive_operators_match_ours_float64(ops):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 12, 5, 7, generator=g, dtype=torch.float64).relu()
+    _close(ops.naive_covariance(x), covariance(x))
+    _close(ops.naive_position_covariance(x), position_covariance(x))
+    cov = covariance(x)
+    for num_iter in (2, 3, 5):
+        _close(ops.naive_sqrtm(cov, num_iter), sqrtm_newton_schulz(cov, num_iter))
+    _close(ops.naive_triu(cov), triu_vec(cov))
+    _close(ops.naive_head_ops(x), ops.ours_head_ops(x))
+
+
+@pytest.mark.parametrize('mode', ATTN_MODES)
+@pytest.mark.parametrize('train', [False, True])
+def test_naive_block_matches_ours_float64(ops, mode, train):
+    torch.manual_seed(0)
+    mod = GSoPAttn(128, attn_mode=mode, attn_dim=16, reduce_stride=2).double().train(train)
+    with torch.no_grad():  # non-trivial BN statistics and affine parameters
+        for m in mod.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    x = torch.randn(3, 128, 12, 10, dtype=torch.float64)
+    sc = torch.randn_like(x)
+    state = {k: v.clone() for k, v in mod.state_dict().items()}
+    ours = mod(x, sc)
+    mod.load_state_dict(state)  # the same running statistics for the second pass in train mode
+    naive = ops.naive_attn(mod, x, sc)
+    _close(naive, ours)
+
+
+def test_naive_gate_part_matches_ours_float64(ops):
+    torch.manual_seed(0)
+    gate = GSoPAttn(64, attn_dim=16).channel_gate.double().eval()
+    x = torch.randn(3, 64, 6, 5, dtype=torch.float64)
+    z = gate.act(gate.bn_reduce(gate.conv_reduce(torch.relu(x))))
+    _close(ops.ours_gate_from_reduced(gate, z), gate(x))  # the benchmark's "ours" is the module's maths
+    _close(ops.naive_gate_from_reduced(gate, z), gate(x))
+
+
+def test_naive_head_matches_ours_float64(ops):
+    torch.manual_seed(0)
+    pool = IsqrtCovPool(64, cov_dim=24).double().eval()
+    x = torch.randn(2, 64, 9, 9, dtype=torch.float64)
+    _close(ops.naive_isqrt_head(pool, x), pool(x))
+
+
+def test_benchmark_cases_build_on_cpu(ops):
+    # The case list the benchmark times: ours and naive agree at the real shapes too (float32).
+    for case in ops.build_cases(1, ['channel'], torch.device('cpu'), channels_last=False, quick=True):
+        if case.module is not None:
+            case.module.eval()
+        with torch.no_grad():
+            a, b = case.ours(*case.inputs), case.naive(*case.inputs)
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3 * max(1.0, b.abs().max().item()))
