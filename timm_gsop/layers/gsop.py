@@ -46,6 +46,7 @@ class GSoPChannelGate(nn.Module):
     ):
         super().__init__()
         dd = dict(device=device, dtype=dtype)
+        self.reduce_stride = reduce_stride
         self.conv_reduce = nn.Conv2d(channels, attn_dim, kernel_size=1, stride=reduce_stride, bias=True, **dd)
         self.bn_reduce = norm_layer(attn_dim, **dd)
         self.act = act_layer(inplace=True)
@@ -57,7 +58,13 @@ class GSoPChannelGate(nn.Module):
         self.fc = nn.Conv2d(4 * attn_dim, channels, kernel_size=1, bias=True, **dd)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.act(self.bn_reduce(self.conv_reduce(F.relu(x))))
+        if self.reduce_stride > 1:
+            # A strided 1x1 conv reads one pixel in stride^2: take the ReLU copy of those only.
+            s = self.reduce_stride
+            x = F.conv2d(F.relu(x[:, :, ::s, ::s]), self.conv_reduce.weight, self.conv_reduce.bias)
+        else:
+            x = self.conv_reduce(F.relu(x))
+        x = self.act(self.bn_reduce(x))
         x = covariance(x).unsqueeze(-1)  # (B, d, d, 1)
         x = _row_wise_conv(self.row_bn(x), self.row_conv.weight, self.row_conv.bias)  # (B, 4d), one bmm
         x = _pointwise(x, self.fc.weight, self.fc.bias)  # self.fc on a 1x1 map, as a linear layer
