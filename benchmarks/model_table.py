@@ -1,6 +1,6 @@
 """Markdown table of the registered GSoP-Net models: parameters and FLOPs at 224 px.
 
-    python benchmarks/model_table.py [--img-size 224] [--no-timm] [--out FILE]
+    python benchmarks/model_table.py [--img-size 224] [--no-timm] [--cifar] [--out FILE]
 
 FLOPs are what torch.utils.flop_counter.FlopCounterMode counts for one image in eval mode:
 2 FLOPs per multiply-add of convolutions and matrix products (conv, mm, addmm, bmm, baddbmm);
@@ -43,14 +43,26 @@ def build_table(img_size: int = 224, timm_baselines: bool = True) -> str:
     return markdown_table(header, rows) + '\n\n' + notes + '\n'
 
 
+def build_cifar_table() -> str:
+    """The CIFAR-100 models at their own 32 px input."""
+    rows = []
+    for name, kwargs in (('gsop_resnet164_cifar', {}), ('gsop2_resnet164_cifar', {}),
+                         ('gsop_resnet164_cifar', dict(attn_mode='none'))):
+        model = create(name, kwargs)
+        label = name + (' (attn_mode=none)' if kwargs else '')
+        rows.append([f'`{label}`', fmt(count_params(model) / 1e6, 2), fmt(count_flops(model, 32) / 1e9, 3)])
+    return markdown_table(['Model', 'Params (M)', 'GFLOPs @ 32'], rows) + '\n'
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--img-size', type=int, default=224)
     parser.add_argument('--no-timm', action='store_true', help="leave out timm's resnet50 / seresnet50 / ecaresnet50d")
+    parser.add_argument('--cifar', action='store_true', help='the CIFAR-100 ResNet-164 models at 32 px instead')
     parser.add_argument('--out', help='also write the table to this file (atomically)')
     args = parser.parse_args(argv)
     torch.set_grad_enabled(False)
-    text = build_table(args.img_size, not args.no_timm)
+    text = build_cifar_table() if args.cifar else build_table(args.img_size, not args.no_timm)
     print(text, end='')
     if args.out:
         write_atomic(args.out, text)
