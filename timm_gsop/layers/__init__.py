@@ -1,3 +1,8 @@
 from .covariance import covariance, position_covariance
 from .isqrt_cov import IsqrtCovPool, sqrtm_newton_schulz, triu_indices, triu_vec
 from .gsop import ATTN_MODES, GSoPAttn, GSoPChannelGate, GSoPPositionGate, resolve_attn_mode
+
+__all__ = [
+    'covariance', 'position_covariance', 'IsqrtCovPool', 'sqrtm_newton_schulz', 'triu_indices', 'triu_vec',
+    'ATTN_MODES', 'GSoPAttn', 'GSoPChannelGate', 'GSoPPositionGate', 'resolve_attn_mode',
+]

@@ -1,2 +1,4 @@
 from .gsop_resnet import GSoPBottleneck, GSoPResNet, checkpoint_filter_fn
 from .gsop_resnet_cifar import GSoPPreActBottleneck, GSoPResNetCifar
+
+__all__ = ['GSoPBottleneck', 'GSoPResNet', 'checkpoint_filter_fn', 'GSoPPreActBottleneck', 'GSoPResNetCifar']
