@@ -138,10 +138,18 @@ def test_second_order_ops_run_float32_under_autocast():
 
 @pytest.mark.parametrize('mode', ATTN_MODES)
 def test_fused_shortcut_equals_separate_add(mode):
-    attn = GSoPAttn(128, attn_mode=mode, attn_dim=16).eval()
-    x, shortcut = torch.randn(2, 128, 10, 10), torch.randn(2, 128, 10, 10)
-    with torch.no_grad():
-        torch.testing.assert_close(attn(x, shortcut), attn(x) + shortcut)
+    # Forward and backward: the fused / in-place residual add must not change values or gradients.
+    attn = GSoPAttn(128, attn_mode=mode, attn_dim=16).train().double()
+    x = torch.randn(2, 128, 10, 10, dtype=torch.float64, requires_grad=True)
+    shortcut = torch.randn(2, 128, 10, 10, dtype=torch.float64, requires_grad=True)
+    grads = []
+    for fused in (True, False):
+        out = attn(x, shortcut) if fused else attn(x) + shortcut
+        params = [x, shortcut, *attn.parameters()]
+        grads.append((out, torch.autograd.grad((out * out.detach().sin()).sum(), params)))
+    torch.testing.assert_close(grads[0][0], grads[1][0])
+    for a, b in zip(grads[0][1], grads[1][1]):
+        torch.testing.assert_close(a, b)
 
 
 def test_channel_and_position_gates_scale_as_defined():

@@ -196,9 +196,10 @@ class GSoPAttn(nn.Module):
             return torch.addcmul(shortcut, x, gate)
 
         assert self.position_gate is not None
-        by_position = F.relu(x * self.position_gate(x))
+        by_position = (x * self.position_gate(x)).relu_()  # in place on a fresh product: one map less
         if self.channel_gate is None:
-            out = by_position
+            # Not in place: the ReLU's backward reads its output.
+            return by_position if shortcut is None else by_position + shortcut
         else:
             by_channel = x * self.channel_gate(x)
             if self.attn_mode == 'fusion_avg':
@@ -209,6 +210,5 @@ class GSoPAttn(nn.Module):
             else:
                 assert self.fuse_channel is not None and self.fuse_position is not None and self.fuse_bn is not None
                 out = self.fuse_bn(self.fuse_channel(by_channel) + self.fuse_position(by_position))
-        if shortcut is not None:
-            out = out + shortcut
-        return out
+        # Each fusion's result is a fresh tensor whose backward does not read it: add in place.
+        return out if shortcut is None else out.add_(shortcut)
