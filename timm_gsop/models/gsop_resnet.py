@@ -325,25 +325,33 @@ class GSoPResNet(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-# Official parameter names (inside a stage's bottleneck, or at the top for Net2's head) -> ours.
-_OFFICIAL_RENAMES = tuple((re.compile(p), r) for p, r in (
-    (r'^(layer\d+\.\d+)\.conv_for_DR_spatial\.', r'\1.attn.position_gate.conv_reduce.'),
-    (r'^(layer\d+\.\d+)\.bn_for_DR_spatial\.', r'\1.attn.position_gate.bn_reduce.'),
-    (r'^(layer\d+\.\d+)\.row_bn_for_spatial\.', r'\1.attn.position_gate.row_bn.'),
-    (r'^(layer\d+\.\d+)\.row_conv_group_for_spatial\.', r'\1.attn.position_gate.row_conv.'),
-    (r'^(layer\d+\.\d+)\.fc_adapt_channels_for_spatial\.', r'\1.attn.position_gate.fc.'),
-    (r'^(layer\d+\.\d+)\.conv_for_DR\.', r'\1.attn.channel_gate.conv_reduce.'),
-    (r'^(layer\d+\.\d+)\.bn_for_DR\.', r'\1.attn.channel_gate.bn_reduce.'),
-    (r'^(layer\d+\.\d+)\.row_bn\.', r'\1.attn.channel_gate.row_bn.'),
-    (r'^(layer\d+\.\d+)\.row_conv_group\.', r'\1.attn.channel_gate.row_conv.'),
-    (r'^(layer\d+\.\d+)\.fc_adapt_channels\.', r'\1.attn.channel_gate.fc.'),
-    (r'^(layer\d+\.\d+)\.dilate_conv_for_concat1\.', r'\1.attn.fuse_channel.'),
-    (r'^(layer\d+\.\d+)\.dilate_conv_for_concat2\.', r'\1.attn.fuse_position.'),
-    (r'^(layer\d+\.\d+)\.bn_for_concat\.', r'\1.attn.fuse_bn.'),
-    (r'^layer_reduce\.', 'global_pool.conv_reduce.'),
-    (r'^layer_reduce_bn\.', 'global_pool.bn.'),
-))
+# Official parameter names -> ours: inside a stage's bottleneck (layerN.i.NAME.*), and Net2's head (NAME.*).
+_OFFICIAL_BLOCK_NAMES = {
+    'conv_for_DR': 'attn.channel_gate.conv_reduce',
+    'bn_for_DR': 'attn.channel_gate.bn_reduce',
+    'row_bn': 'attn.channel_gate.row_bn',
+    'row_conv_group': 'attn.channel_gate.row_conv',
+    'fc_adapt_channels': 'attn.channel_gate.fc',
+    'conv_for_DR_spatial': 'attn.position_gate.conv_reduce',
+    'bn_for_DR_spatial': 'attn.position_gate.bn_reduce',
+    'row_bn_for_spatial': 'attn.position_gate.row_bn',
+    'row_conv_group_for_spatial': 'attn.position_gate.row_conv',
+    'fc_adapt_channels_for_spatial': 'attn.position_gate.fc',
+    'dilate_conv_for_concat1': 'attn.fuse_channel',
+    'dilate_conv_for_concat2': 'attn.fuse_position',
+    'bn_for_concat': 'attn.fuse_bn',
+}
+_OFFICIAL_HEAD_NAMES = {'layer_reduce': 'global_pool.conv_reduce', 'layer_reduce_bn': 'global_pool.bn'}
+_OFFICIAL_BLOCK_KEY = re.compile(r'^(layer\d+\.\d+)\.([^.]+)\.(.+)$')
 _OFFICIAL_MARKERS = ('conv_for_DR', 'row_conv_group', 'layer_reduce', 'dilate_conv_for_concat', 'fc_adapt_channels')
+
+
+def _official_to_ours(key: str) -> str:
+    m = _OFFICIAL_BLOCK_KEY.match(key)
+    if m and m.group(2) in _OFFICIAL_BLOCK_NAMES:
+        return f'{m.group(1)}.{_OFFICIAL_BLOCK_NAMES[m.group(2)]}.{m.group(3)}'
+    module, _, rest = key.partition('.')
+    return f'{_OFFICIAL_HEAD_NAMES[module]}.{rest}' if module in _OFFICIAL_HEAD_NAMES else key
 
 
 def is_official_state_dict(state_dict: Dict[str, Any]) -> bool:
@@ -357,14 +365,7 @@ def convert_official_state_dict(state_dict: Dict[str, Tensor]) -> Dict[str, Tens
     The official code ran on PyTorch 0.4.0, whose BatchNorm had no ``num_batches_tracked``: missing
     counters are added as zeros.
     """
-    out = {}
-    for k, v in state_dict.items():
-        k = k[len('module.'):] if k.startswith('module.') else k
-        for pattern, repl in _OFFICIAL_RENAMES:
-            k, n = pattern.subn(repl, k)
-            if n:
-                break
-        out[k] = v
+    out = {_official_to_ours(k[len('module.'):] if k.startswith('module.') else k): v for k, v in state_dict.items()}
     for k in list(out):
         if k.endswith('.running_mean'):
             out.setdefault(k[:-len('running_mean')] + 'num_batches_tracked', torch.tensor(0, dtype=torch.long))
