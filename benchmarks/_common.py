@@ -1,4 +1,5 @@
 """Shared helpers of the benchmark scripts: machine description, models, FLOPs, memory, output."""
+import argparse
 import os
 import platform
 import statistics
@@ -118,6 +119,31 @@ def cpu_step_peak_bytes(fn: Callable[[], None]) -> int:
 
 def tensor_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def add_device_args(parser) -> None:
+    """--device, --threads, --batch, --amp, --channels-last: the settings both benchmarks share."""
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: all cores)')
+    parser.add_argument('--batch', type=int, default=None, help='default: 8 on CPU, 128 on GPU')
+    parser.add_argument('--amp', action=argparse.BooleanOptionalAction, default=None,
+                        help='bf16 autocast (default: on for GPU, off for CPU)')
+    parser.add_argument('--channels-last', action=argparse.BooleanOptionalAction, default=None,
+                        help='channels_last inputs and weights (default: on for GPU, off for CPU)')
+
+
+def resolve_device_args(args):
+    """(device, gpu, threads, batch, amp, channels_last) from ``add_device_args``; sets torch's threads."""
+    device = torch.device(args.device)
+    gpu = device.type == 'cuda'
+    threads = args.threads or os.cpu_count()
+    torch.set_num_threads(threads)
+    batch = args.batch or (128 if gpu else 8)
+    amp = gpu if args.amp is None else args.amp
+    channels_last = gpu if args.channels_last is None else args.channels_last
+    if gpu:
+        torch.backends.cudnn.benchmark = True
+    return device, gpu, threads, batch, amp, channels_last
 
 
 def write_atomic(path: str, text: str) -> None:

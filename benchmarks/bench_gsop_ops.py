@@ -275,36 +275,22 @@ def run(batch: int, reps: int, modes: List[str], device: torch.device, amp: bool
 
 
 def main(argv=None) -> None:
-    from _common import machine_line, markdown_table, write_atomic
+    from _common import add_device_args, machine_line, markdown_table, resolve_device_args, write_atomic
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    parser.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: all cores)')
-    parser.add_argument('--batch', type=int, default=None, help='default: 8 on CPU, 128 on GPU')
+    add_device_args(parser)
     parser.add_argument('--reps', type=int, default=None, help='timed repetitions per case (default 11; 5 with --quick)')
     parser.add_argument('--modes', default='channel', help="comma-separated attn modes, or 'all'")
-    parser.add_argument('--amp', action=argparse.BooleanOptionalAction, default=None,
-                        help='bf16 autocast (default: on for GPU, off for CPU)')
-    parser.add_argument('--channels-last', action=argparse.BooleanOptionalAction, default=None,
-                        help='channels_last inputs and weights (default: on for GPU, off for CPU)')
     parser.add_argument('--compile', action=argparse.BooleanOptionalAction, default=False,
                         help='torch.compile our implementation (the naive one stays eager)')
     parser.add_argument('--quick', action='store_true', help='stages 2-3 only and fewer repetitions')
     parser.add_argument('--out', help='also write the table to this file (atomically)')
     args = parser.parse_args(argv)
 
-    device = torch.device(args.device)
-    gpu = device.type == 'cuda'
-    threads = args.threads or os.cpu_count()
-    torch.set_num_threads(threads)
-    batch = args.batch or (128 if gpu else 8)
+    device, gpu, threads, batch, amp, channels_last = resolve_device_args(args)
     reps = args.reps or (5 if args.quick else 11)
-    amp = gpu if args.amp is None else args.amp
-    channels_last = gpu if args.channels_last is None else args.channels_last
     modes = ['channel', 'position', 'fusion_avg', 'fusion_max', 'fusion_concat'] if args.modes == 'all' \
         else args.modes.split(',')
     torch.manual_seed(0)
-    if gpu:
-        torch.backends.cudnn.benchmark = True
 
     t0 = time.time()
     compile_note = ''

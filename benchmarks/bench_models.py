@@ -34,8 +34,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from _common import (count_flops, count_params, cpu_step_peak_bytes, create, fmt, machine_line,  # noqa: E402
-                     markdown_table, median, model_specs, tensor_bytes, write_atomic)
+from _common import (add_device_args, count_flops, count_params, cpu_step_peak_bytes, create, fmt, machine_line,  # noqa: E402
+                     markdown_table, resolve_device_args, median, model_specs, tensor_bytes, write_atomic)
 
 
 class Runner:
@@ -115,9 +115,7 @@ def paired_overhead(a: List[float], b: List[float]) -> float:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    parser.add_argument('--threads', type=int, default=None, help='torch CPU threads (default: all cores)')
-    parser.add_argument('--batch', type=int, default=None, help='default: 8 on CPU, 128 on GPU')
+    add_device_args(parser)
     parser.add_argument('--img-size', type=int, default=224)
     parser.add_argument('--reps', type=int, default=None, help='timed repetitions (default: 5 on CPU, 20 on GPU)')
     parser.add_argument('--warmup', type=int, default=None, help='untimed repetitions (default: 1 on CPU, 3 on GPU)')
@@ -126,10 +124,6 @@ def main(argv=None) -> None:
     parser.add_argument('--no-timm', action='store_true', help="leave out timm's resnet50 / seresnet50 / ecaresnet50d")
     parser.add_argument('--no-train', action='store_true', help='inference only')
     parser.add_argument('--no-memory', action='store_true', help='skip the peak-memory measurement')
-    parser.add_argument('--amp', action=argparse.BooleanOptionalAction, default=None,
-                        help='bf16 autocast (default: on for GPU, off for CPU)')
-    parser.add_argument('--channels-last', action=argparse.BooleanOptionalAction, default=None,
-                        help='channels_last (default: on for GPU, off for CPU)')
     parser.add_argument('--compile', action=argparse.BooleanOptionalAction, default=None,
                         help='torch.compile each model (default: on for GPU, off for CPU)')
     parser.add_argument('--quick', action='store_true',
@@ -137,13 +131,7 @@ def main(argv=None) -> None:
     parser.add_argument('--out', help='also write the tables to this file (atomically)')
     args = parser.parse_args(argv)
 
-    device = torch.device(args.device)
-    gpu = device.type == 'cuda'
-    threads = args.threads or os.cpu_count()
-    torch.set_num_threads(threads)
-    batch = args.batch or (128 if gpu else 8)
-    amp = gpu if args.amp is None else args.amp
-    channels_last = gpu if args.channels_last is None else args.channels_last
+    device, gpu, threads, batch, amp, channels_last = resolve_device_args(args)
     compile_model = gpu if args.compile is None else args.compile
     reps = args.reps or (2 if args.quick else (20 if gpu else 5))
     warmup = args.warmup if args.warmup is not None else (3 if gpu or compile_model else 1)
@@ -151,8 +139,6 @@ def main(argv=None) -> None:
     timm_baselines = not (args.no_timm or args.quick)
     measure_mem = not (args.no_memory or args.quick)
     train = not args.no_train
-    if gpu:
-        torch.backends.cudnn.benchmark = True
 
     t_start = time.time()
     torch.manual_seed(0)
