@@ -9,12 +9,15 @@ Cases (224 px input, as GSoP-Net on ResNet-50 feeds them; stride-1 last stage):
   otherwise), input (B, 256, 56, 56), (B, 512, 28, 28), (B, 1024, 14, 14), (B, 2048, 14, 14);
 * GSoP-Net2's iSQRT-COV head on (B, 2048, 14, 14): 1x1 conv to 256 + BN + ReLU, 256 x 256
   covariance, 3 Newton-Schulz iterations, upper triangle (32,896 values);
-* the second-order parts alone, without the 1x1 convs both sides share: the block after its
+* the second-order parts alone, without the reduction convs both sides share: the block after its
   reduction conv (covariance -> row BN -> row-wise conv -> fc -> sigmoid) on a stage's reduced map,
-  the channel covariance alone, and covariance -> square root -> triangle of the head.
+  the channel covariance alone at both map sizes, and the head's covariance, Newton-Schulz square
+  root and triangle, each alone and chained.
 
 Each case runs "forward" (inference mode) and "fwd+bwd" (train mode, forward and backward to the
-input and the parameters). Ours and the naive reference share their parameters (the naive one
+input and the parameters). The last column gives the FLOPs of one forward + backward of each side,
+as ``torch.utils.flop_counter`` counts them (matrix products and convs only): where the two are
+equal, a speed-up can only come from fewer memory passes or less per-call overhead. Ours and the naive reference share their parameters (the naive one
 calls our modules' convs and norms) and alternate within each repetition; times are medians.
 
 The naive reference is the textbook formulation, written here from the paper's equations in the
@@ -210,17 +213,22 @@ def build_cases(batch: int, modes: List[str], device: torch.device, channels_las
     cases.append(Case('iSQRT-COV head (Net2)', '2048x14x14 -> 32896', head, lambda x, m=head: naive_isqrt_head(m, x),
                       head, [rand(batch, 2048, 14, 14)]))
     # The second-order operators alone, on the maps the convs hand them (ReLU'd, as they are).
-    z1 = rand(batch, 128, 28, 28).relu()
-    cases.append(Case('covariance alone (stages 1-2)', '128x28x28 -> 128x128', covariance, naive_covariance, None,
-                      [z1]))
+    for side, stages_desc in ((28, 'stages 1-2'), (14, 'stages 3-4')):
+        cases.append(Case(f'covariance alone ({stages_desc})', f'128x{side}x{side} -> 128x128', covariance,
+                          naive_covariance, None, [rand(batch, 128, side, side).relu()]))
     for (stage, c, s_), side in ((STAGES[1], 28), (STAGES[3], 14)):
         gate = GSoPAttn(c).channel_gate.to(device)
-        cases.append(Case(f'block minus its 1x1 convs, stage {stage}', f'128x{side}x{side} -> {c}',
+        cases.append(Case(f'block after its reduction conv, stage {stage}', f'128x{side}x{side} -> {c}',
                           lambda z, g=gate: ours_gate_from_reduced(g, z),
                           lambda z, g=gate: naive_gate_from_reduced(g, z), gate, [rand(batch, 128, side, side).relu()]))
     z2 = rand(batch, 256, 14, 14).relu()
-    cases.append(Case('cov + sqrtm + triu alone (head)', '256x14x14 -> 32896', ours_head_ops, naive_head_ops, None,
-                      [z2]))
+    cov2 = covariance(z2)
+    cases += [
+        Case('covariance alone (head)', '256x14x14 -> 256x256', covariance, naive_covariance, None, [z2]),
+        Case('square root alone (head)', '256x256, 3 iterations', sqrtm_newton_schulz, naive_sqrtm, None, [cov2]),
+        Case('triangle alone (head)', '256x256 -> 32896', triu_vec, naive_triu, None, [sqrtm_newton_schulz(cov2)]),
+        Case('cov + sqrtm + triu (head)', '256x14x14 -> 32896', ours_head_ops, naive_head_ops, None, [z2]),
+    ]
     return cases
 
 
@@ -248,6 +256,20 @@ def _time_once(fn: Callable, inputs: List[Tensor], train: bool, module: Optional
     return time.perf_counter() - t0
 
 
+def _train_flops(fn: Callable, inputs: List[Tensor], module: Optional[nn.Module]) -> int:
+    """FLOPs of one forward + backward (train mode), as torch.utils.flop_counter counts them."""
+    from torch.utils.flop_counter import FlopCounterMode
+    if module is not None:
+        module.train(True)
+    ins = [t.detach().requires_grad_() for t in inputs]
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn(*ins).float().sum().backward()
+    if module is not None:
+        module.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
 def run(batch: int, reps: int, modes: List[str], device: torch.device, amp: bool, channels_last: bool,
         quick: bool, compile_ours: bool = False) -> Tuple[List[List[str]], Dict[str, Tuple[float, float, float, float]]]:
     cases = build_cases(batch, modes, device, channels_last, quick)
@@ -267,8 +289,9 @@ def run(batch: int, reps: int, modes: List[str], device: torch.device, amp: bool
                for k, v in times.items()}
         of, nf, ot, nt = med[('ours', False)], med[('naive', False)], med[('ours', True)], med[('naive', True)]
         results[case.name] = (of, nf, ot, nt)
+        flops = [_train_flops(fn, case.inputs, case.module) / 1e9 for fn in (case.ours, case.naive)]
         rows.append([case.name, case.shape_desc, f'{of * 1e3:.2f}', f'{nf * 1e3:.2f}', f'{nf / of:.1f}x',
-                     f'{ot * 1e3:.2f}', f'{nt * 1e3:.2f}', f'{nt / ot:.1f}x'])
+                     f'{ot * 1e3:.2f}', f'{nt * 1e3:.2f}', f'{nt / ot:.1f}x', f'{flops[0]:.2f} / {flops[1]:.2f}'])
         print(f'  {case.name}: forward {of * 1e3:.2f} / {nf * 1e3:.2f} ms, fwd+bwd {ot * 1e3:.2f} / {nt * 1e3:.2f} ms',
               file=sys.stderr, flush=True)
     return rows, results
@@ -305,12 +328,12 @@ def main(argv=None) -> None:
         _dynamo.reset()
     rows, _ = run(batch, reps, modes, device, amp, channels_last, args.quick, args.compile)
     header = ['Case', 'Input', 'Ours fwd (ms)', 'Naive fwd (ms)', 'Speed-up fwd',
-              'Ours fwd+bwd (ms)', 'Naive fwd+bwd (ms)', 'Speed-up fwd+bwd']
+              'Ours fwd+bwd (ms)', 'Naive fwd+bwd (ms)', 'Speed-up fwd+bwd', 'Fwd+bwd GFLOPs, ours / naive']
     settings = (f'batch {batch}, float32{" + bf16 autocast" if amp else ""}'
                 f'{", channels_last" if channels_last else ""}{", torch.compile (ours)" if args.compile else ""}, '
                 f'median of {reps} interleaved repetitions after 1 warm-up, wall time {time.time() - t0:.0f} s')
     text = (f'GSoP ops micro-benchmark, {machine_line(device, threads)}\n'
-            f'Settings: {settings}.\n{compile_note}\n' + markdown_table(header, rows, 'll' + 'r' * 6) + '\n')
+            f'Settings: {settings}.\n{compile_note}\n' + markdown_table(header, rows, 'll' + 'r' * 7) + '\n')
     print(text, end='')
     if args.out:
         write_atomic(args.out, text)

@@ -2,7 +2,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.autograd import gradcheck
+from torch.autograd import gradcheck, gradgradcheck
 
 import timm
 from timm_gsop.layers import (
@@ -48,6 +48,20 @@ def test_gradcheck_covariance_ops():
     x = torch.randn(2, 4, 3, 3, dtype=torch.float64, requires_grad=True)
     assert gradcheck(covariance, (x,))
     assert gradcheck(position_covariance, (x,))
+    # The covariance's own backward (one product) must also be differentiable.
+    assert gradgradcheck(covariance, (x,))
+
+
+@pytest.mark.filterwarnings('ignore:.*torch.jit.script.* is deprecated')
+def test_scripted_covariance_matches_eager_value_and_gradient():
+    # TorchScript takes the plain-autograd branch; both must give the same covariance and gradient.
+    x = torch.randn(2, 6, 4, 5, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(2, 6, 6, dtype=torch.float64)
+    scripted = torch.jit.script(covariance)
+    ours, ref = covariance(x), scripted(x)
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+    (grad_ours,), (grad_ref,) = torch.autograd.grad(ours, x, g), torch.autograd.grad(ref, x, g)
+    torch.testing.assert_close(grad_ours, grad_ref, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize('num_iter', [1, 2, 3, 5])

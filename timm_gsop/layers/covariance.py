@@ -17,10 +17,33 @@ def _at_least_fp32(x: Tensor) -> Tensor:
     return x if x.dtype == torch.float64 else x.float()
 
 
+class _Gram(torch.autograd.Function):
+    """X X^T of (B, C, M) matrices, with a backward of one matrix product.
+
+    The adjoint of X X^T is (G + G^T) X. Autograd's bmm backward computes G X and G^T X as two
+    products and adds them; here the small (C x C) sum comes first. The backward is made of
+    differentiable ops on the saved input, so double backward works.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        ctx.save_for_backward(x)
+        return torch.bmm(x, x.transpose(1, 2))
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        x, = ctx.saved_tensors
+        return torch.bmm(grad + grad.transpose(1, 2), x)
+
+
 def _covariance(x: Tensor) -> Tensor:
     x = x.flatten(2)
     x = x - x.mean(dim=2, keepdim=True)
-    return torch.bmm(x, x.transpose(1, 2)).div_(x.shape[2])
+    if torch.jit.is_scripting():
+        gram = torch.bmm(x, x.transpose(1, 2))  # TorchScript cannot call an autograd.Function
+    else:
+        gram = _Gram.apply(x)
+    return gram.div_(x.shape[2])
 
 
 @register_notrace_function
