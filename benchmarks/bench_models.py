@@ -34,6 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from torch import Tensor, nn  # noqa: E402
 
 from _common import (add_device_args, count_flops, count_params, cpu_step_peak_bytes, create, fmt, machine_line,  # noqa: E402
                      markdown_table, resolve_device_args, median, model_specs, tensor_bytes, write_atomic)
@@ -42,24 +43,16 @@ from _common import (add_device_args, count_flops, count_params, cpu_step_peak_b
 class Runner:
     """One model with its optimizer, input batch and the two timed steps."""
 
-    def __init__(self, label: str, name: str, kwargs: dict, ref: Optional[str], device: torch.device, batch: int,
-                 img_size: int, amp: bool, channels_last: bool, compile_model: bool):
+    def __init__(self, label: str, model: nn.Module, x: Tensor, ref: Optional[str], device: torch.device,
+                 amp: bool, compile_model: bool):
         self.label, self.ref = label, ref
         self.device, self.amp = device, amp
-        model = create(name, kwargs)
-        self.params = count_params(model)
-        self.flops = count_flops(model, img_size)
-        model = model.to(device)
-        fmt_ = torch.channels_last if channels_last else torch.contiguous_format
-        if channels_last:
-            model = model.to(memory_format=fmt_)
-        self.model = model
+        self.model = model.to(device)
         self.fwd = torch.compile(model) if compile_model else model
         self.opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
         gen = torch.Generator().manual_seed(0)
-        self.x = torch.randn(batch, 3, img_size, img_size, generator=gen).to(device).contiguous(memory_format=fmt_)
-        self.y = torch.randint(0, 1000, (batch,), generator=gen).to(device)
-        self.batch = batch
+        self.x = x.to(device)
+        self.y = torch.randint(0, 1000, (x.shape[0],), generator=gen).to(device)
         self.t_infer: List[float] = []
         self.t_train: List[float] = []
         self.mem_infer = self.mem_train = None
@@ -109,6 +102,18 @@ class Runner:
             self.mem_train = self.static_bytes() + tensor_bytes([self.x, self.y]) + cpu_step_peak_bytes(self.train_step)
 
 
+def model_runner(label: str, name: str, kwargs: dict, ref: Optional[str], device: torch.device, batch: int,
+                 img_size: int, amp: bool, channels_last: bool, compile_model: bool) -> Runner:
+    model = create(name, kwargs)
+    params, flops = count_params(model), count_flops(model, img_size)
+    fmt_ = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(batch, 3, img_size, img_size, generator=torch.Generator().manual_seed(0))
+    runner = Runner(label, model.to(memory_format=fmt_), x.contiguous(memory_format=fmt_), ref, device, amp,
+                    compile_model)
+    runner.params, runner.flops = params, flops
+    return runner
+
+
 def paired_overhead(a: List[float], b: List[float]) -> float:
     """Median over repetitions of a_r / b_r - 1, in %."""
     return 100.0 * median([x / y - 1.0 for x, y in zip(a, b)])
@@ -152,8 +157,12 @@ def main(argv=None) -> None:
     t_start = time.time()
     torch.manual_seed(0)
     specs = model_specs(depths, timm_baselines)
-    runners = [Runner(label, name, kw, ref, device, batch, args.img_size, amp, channels_last, compile_model)
+    runners = [model_runner(label, name, kw, ref, device, batch, args.img_size, amp, channels_last, compile_model)
                for label, name, kw, ref in specs]
+    # GSoP-Net2's classifier reads 32,896 features instead of 2048: timed alone (forward, backward,
+    # SGD step on random features), that part of Net2's cost is told apart from the GSoP maths.
+    classifiers = [Runner(f'Linear({n}, 1000)', nn.Linear(n, 1000), torch.randn(batch, n), None, device, amp, False)
+                   for n in (2048, 256 * 257 // 2)] if train else []
     by_label: Dict[str, Runner] = {r.label: r for r in runners}
 
     def log(msg):
@@ -184,6 +193,8 @@ def main(argv=None) -> None:
             r.infer()
             if train:
                 r.train_step()
+        for c in classifiers:
+            c.train_step()
     if measure_mem:
         for r in runners:
             r.measure_memory()
@@ -194,6 +205,8 @@ def main(argv=None) -> None:
             r.t_infer.append(r.timed(r.infer))
             if train:
                 r.t_train.append(r.timed(r.train_step))
+        for c in (classifiers if rep % 2 == 0 else classifiers[::-1]):
+            c.t_train.append(c.timed(c.train_step))
         log(f'repetition {rep + 1}/{reps}: ' + ', '.join(
             f'{r.label.split(" ")[0]}{"*" if "none" in r.label else ""} {r.t_infer[-1]:.2f}/'
             f'{r.t_train[-1] if train else 0:.2f}' for r in runners))
@@ -234,6 +247,18 @@ def main(argv=None) -> None:
     ttable = markdown_table(['Model', 'Added part', 'Step', 'Added time (%)', 'Quartiles (%)', 'Added GFLOPs (%)',
                              'Target (%)', 'Result'], trows, 'lllrrrrl')
 
+    classifier_note = ''
+    if classifiers:
+        small, large = classifiers
+        extra = [a - b for a, b in zip(large.t_train, small.t_train)]
+        shares = ', '.join(
+            f'{100.0 * median([e / t for e, t in zip(extra, by_label[f"gsop_resnet{d} (attn_mode=none)"].t_train)]):+.1f} % '
+            f'of the ResNet-{d} trunk\'s' for d in depths)
+        classifier_note = (
+            f'\nPart of GSoP-Net2\'s training-step cost is its classifier, not GSoP maths: a training step of '
+            f'`{large.label}` alone (forward, backward, SGD, batch {batch}) takes {1e3 * median(extra):.1f} ms more '
+            f'than one of the trunk\'s `{small.label}` ({shares} step, median over repetitions).\n')
+
     settings = (f'batch {batch} @ {args.img_size} px, float32{" + bf16 autocast" if amp else ""}'
                 f'{", channels_last" if channels_last else ""}{", torch.compile" if compile_model else ", eager"}, '
                 f'{warmup} warm-up + {reps} timed repetitions, models interleaved, medians; '
@@ -241,7 +266,7 @@ def main(argv=None) -> None:
     text = (f'Machine: {machine_line(device, threads)}\n'
             f'Settings: {settings}.\n\n{table}\n\n'
             f'GSoP cost targets (issue 5): medians of the per-repetition ratios model / trunk, and their quartiles:\n\n{ttable}\n'
-            + (f'\n{sync_note}\n' if sync_note else ''))
+            + classifier_note + (f'\n{sync_note}\n' if sync_note else ''))
     print(text, end='')
     if args.out:
         write_atomic(args.out, text)
