@@ -2,8 +2,9 @@
 
 Both functions take a feature map (B, C, *spatial) and never build the M x M centring matrix
 of the textbook form: they centre by subtracting a mean (or an outer product of sums), so cost and
-memory stay at one (C x M) @ (M x C) product. Under autocast they run in float32 and cast back,
-since a covariance in bf16/fp16 loses the small differences it is made of.
+memory stay at one (C x M) @ (M x C) product (and, for ``covariance``, one product backward).
+Under autocast they run in float32 and cast back, since a covariance in bf16/fp16 loses the small
+differences it is made of.
 """
 import torch
 from torch import Tensor
