@@ -93,3 +93,16 @@ def test_benchmark_cases_build_on_cpu(ops):
         with torch.no_grad():
             a, b = case.ours(*case.inputs), case.naive(*case.inputs)
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3 * max(1.0, b.abs().max().item()))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='the guard is for machines without a GPU')
+def test_gpu_checks_script_stops_cleanly_without_gpu(tmp_path):
+    # The prepared GPU run must not start hour-long CPU benchmarks by mistake, nor leave a folder.
+    import subprocess
+    script = os.path.join(_BENCH, 'gpu_checks.sh')
+    env = dict(os.environ, OUT=str(tmp_path / 'out'), PATH=os.path.dirname(sys.executable) + os.pathsep
+               + os.environ.get('PATH', ''))
+    proc = subprocess.run(['bash', script], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert 'no CUDA GPU' in proc.stderr
+    assert not (tmp_path / 'out').exists()

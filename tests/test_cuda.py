@@ -1,0 +1,117 @@
+"""What only a CUDA GPU can show: CUDA equals CPU, bf16 autocast + channels_last, no host sync, compile.
+
+Skipped without a GPU (the CPU suite covers the same contract on CPU). On a GPU machine
+``benchmarks/gpu_checks.sh`` runs this file first, then the benchmarks.
+"""
+import contextlib
+
+import pytest
+import torch
+import timm
+
+import timm_gsop  # noqa: F401  (registers the models)
+from timm_gsop.layers import GSoPAttn, covariance, sqrtm_newton_schulz
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
+
+DEVICE = 'cuda'
+MODELS = ['gsop_resnet50', 'gsop2_resnet50']
+
+
+@contextlib.contextmanager
+def _exact_float32():
+    # TF32 (on by default for cuDNN convs) would blur a float32 comparison with the CPU.
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@pytest.mark.parametrize('name', MODELS)
+def test_cuda_logits_and_gradients_equal_cpu(name):
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=10).eval()
+    x = torch.randn(2, 3, 160, 160)
+    x_cpu, x_gpu = x.clone().requires_grad_(), x.to(DEVICE).requires_grad_()
+    ref = model(x_cpu)
+    ref.square().sum().backward()
+    with _exact_float32():
+        out = model.to(DEVICE)(x_gpu)
+        out.square().sum().backward()
+    torch.testing.assert_close(out.cpu(), ref, rtol=1e-3, atol=1e-3 * ref.abs().max().item())
+    torch.testing.assert_close(x_gpu.grad.cpu(), x_cpu.grad, rtol=1e-3, atol=1e-3 * x_cpu.grad.abs().max().item())
+
+
+@pytest.mark.parametrize('name', MODELS)
+def test_bf16_autocast_channels_last_train_step(name):
+    # The GPU recipe's settings: bf16 autocast + channels_last. Logits stay near float32's and a
+    # training step gives finite gradients everywhere.
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=10).to(DEVICE).to(memory_format=torch.channels_last)
+    x = torch.randn(8, 3, 224, 224, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    model.eval()
+    with torch.no_grad(), _exact_float32():
+        ref = model(x)
+        with torch.autocast('cuda', dtype=torch.bfloat16):
+            out = model(x)
+    rel = (out.float() - ref).norm() / ref.norm()
+    assert torch.isfinite(out).all() and rel < 0.05, rel
+    model.train()
+    with torch.autocast('cuda', dtype=torch.bfloat16):
+        loss = torch.nn.functional.cross_entropy(model(x), torch.arange(8, device=DEVICE) % 10)
+    loss.backward()
+    bad = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not bad, bad
+
+
+def test_second_order_ops_stay_float32_under_cuda_autocast():
+    # Float32 maths inside bf16 autocast: the results match the plain float32 ones to float32
+    # rounding (a bf16 product would be off by about 1e-2).
+    x = torch.randn(4, 64, 14, 14, device=DEVICE).relu()
+    with _exact_float32():
+        with torch.autocast('cuda', dtype=torch.bfloat16):
+            cov = covariance(x)
+            root = sqrtm_newton_schulz(cov)
+        cov_ref = covariance(x)
+        root_ref = sqrtm_newton_schulz(cov_ref)
+    assert cov.dtype == torch.float32 and root.dtype == torch.float32
+    torch.testing.assert_close(cov, cov_ref, rtol=1e-5, atol=1e-6 * cov_ref.abs().max().item())
+    torch.testing.assert_close(root, root_ref, rtol=1e-5, atol=1e-6 * root_ref.abs().max().item())
+
+
+@pytest.mark.parametrize('name', MODELS)
+def test_forward_and_backward_make_no_host_sync(name):
+    model = timm.create_model(name).to(DEVICE)
+    x = torch.randn(4, 3, 224, 224, device=DEVICE)
+    model.train()
+    model(x).sum().backward()  # warm-up: cuDNN / cuBLAS set-up may synchronise once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode('error')  # any synchronising call now raises
+    try:
+        with torch.no_grad():
+            model.eval()(x)
+        model.train()(x).sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode('default')
+
+
+@pytest.mark.parametrize('mode', ['channel', 'fusion_concat'])
+def test_compiled_block_equals_eager_on_cuda(mode):
+    import torch._dynamo
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    block = GSoPAttn(512, attn_mode=mode).to(DEVICE).train()
+    x, shortcut = torch.randn(8, 512, 28, 28, device=DEVICE), torch.randn(8, 512, 28, 28, device=DEVICE)
+    compiled = torch.compile(block, fullgraph=True)  # inductor; fullgraph: a graph break is an error
+    with _exact_float32():
+        xs = [x.clone().requires_grad_() for _ in range(2)]
+        state = {k: v.clone() for k, v in block.state_dict().items()}
+        out_eager = block(xs[0], shortcut)
+        out_eager.square().sum().backward()
+        block.load_state_dict(state)  # same BN running statistics for the compiled pass
+        out_compiled = compiled(xs[1], shortcut)
+        out_compiled.square().sum().backward()
+    torch.testing.assert_close(out_compiled, out_eager, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(xs[1].grad, xs[0].grad, rtol=1e-3, atol=1e-3 * xs[0].grad.abs().max().item())
