@@ -12,7 +12,10 @@ Rows: GSoP-Net1 / GSoP-Net2 (``gsop_resnet*`` / ``gsop2_resnet*``), the same mod
 * Timings interleave the models: every repetition runs each model once, in an order reversed on
   every other repetition, so a model and its backbone are measured side by side; the table gives
   medians. The overhead of a GSoP model is the median over repetitions of
-  (time of the model / time of its backbone measured in the same repetition) - 1.
+  (time of the model / time of its backbone measured in the same repetition) - 1; the quartiles
+  of those ratios show how noisy it is.
+* GSoP-Net2's classifier (32,896 inputs) is also timed alone against the trunk's (2048 inputs),
+  interleaved the same way, so that its share of Net2's training step is not taken for GSoP maths.
 * Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` over one step (after the timed
   runs' warm-up, so it includes parameters, buffers, optimizer state and the input batch); on CPU
   the same sum computed as parameters + buffers + input batch (+ optimizer state for the training
