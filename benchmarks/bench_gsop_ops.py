@@ -15,7 +15,7 @@ Cases (224 px input, as GSoP-Net on ResNet-50 feeds them; stride-1 last stage):
   root and triangle, each alone and chained.
 
 Each case runs "forward" (inference mode) and "fwd+bwd" (train mode, forward and backward to the
-input and the parameters). The last column gives the FLOPs of one forward + backward of each side,
+input and the parameters, from a dense gradient of ones at the output). The last column gives the FLOPs of one forward + backward of each side,
 as ``torch.utils.flop_counter`` counts them (matrix products and convs only): where the two are
 equal, a speed-up can only come from fewer memory passes or less per-call overhead. Ours and the naive reference share their parameters (the naive one
 calls our modules' convs and norms) and alternate within each repetition; times are medians.
@@ -245,7 +245,7 @@ def _time_once(fn: Callable, inputs: List[Tensor], train: bool, module: Optional
         t0 = time.perf_counter()
         with autocast:
             out = fn(*ins)
-        out.float().sum().backward()
+        out.backward(torch.ones_like(out))  # a dense gradient, as a network hands it back (not sum()'s stride-0 one)
         _sync(device)
         return time.perf_counter() - t0
     _sync(device)
@@ -264,7 +264,8 @@ def _train_flops(fn: Callable, inputs: List[Tensor], module: Optional[nn.Module]
     ins = [t.detach().requires_grad_() for t in inputs]
     counter = FlopCounterMode(display=False)
     with counter:
-        fn(*ins).float().sum().backward()
+        out = fn(*ins)
+        out.backward(torch.ones_like(out))
     if module is not None:
         module.zero_grad(set_to_none=True)
     return counter.get_total_flops()

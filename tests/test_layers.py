@@ -7,6 +7,7 @@ from torch.autograd import gradcheck, gradgradcheck
 import timm
 from timm_gsop.layers import (
     ATTN_MODES, GSoPAttn, IsqrtCovPool, covariance, position_covariance, sqrtm_newton_schulz, triu_indices, triu_vec)
+from timm_gsop.layers.gsop import channel_scale_add
 
 torch.manual_seed(0)
 
@@ -164,6 +165,36 @@ def test_fused_shortcut_equals_separate_add(mode):
     torch.testing.assert_close(grads[0][0], grads[1][0])
     for a, b in zip(grads[0][1], grads[1][1]):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize('channels_last', [False, True])
+@pytest.mark.parametrize('with_shortcut', [False, True])
+def test_channel_scale_add_gradients(channels_last, with_shortcut):
+    # The gate multiply has its own backward (a dot product per channel, or mul+sum where the map is
+    # not NCHW-contiguous): first and second derivatives against finite differences.
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64).contiguous(memory_format=fmt).requires_grad_()
+    gate = torch.rand(2, 3, 1, 1, dtype=torch.float64, requires_grad=True)
+    args = (x, gate)
+    if with_shortcut:
+        args += (torch.randn(2, 3, 4, 5, dtype=torch.float64).contiguous(memory_format=fmt).requires_grad_(),)
+    assert gradcheck(channel_scale_add, args)
+    assert gradgradcheck(channel_scale_add, args)
+
+
+def test_channel_scale_add_under_bf16_autocast_matches_float32():
+    # Under autocast the map is bf16 while gate and shortcut may be float32: the backward must cope.
+    torch.manual_seed(0)
+    x, gate, shortcut = torch.randn(2, 8, 6, 6), torch.rand(2, 8, 1, 1), torch.randn(2, 8, 6, 6)
+    leaves = [t.clone().requires_grad_() for t in (x.bfloat16(), gate, shortcut)]
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out = channel_scale_add(*leaves)
+    out.float().square().sum().backward()
+    ref_leaves = [t.clone().requires_grad_() for t in (x.bfloat16().float(), gate, shortcut)]
+    torch.addcmul(ref_leaves[2], ref_leaves[0], ref_leaves[1]).square().sum().backward()
+    for got, ref in zip(leaves, ref_leaves):
+        assert got.grad.dtype == got.dtype
+        torch.testing.assert_close(got.grad.float(), ref.grad, rtol=2e-2, atol=2e-2 * ref.grad.abs().max().item())
 
 
 def test_channel_and_position_gates_scale_as_defined():

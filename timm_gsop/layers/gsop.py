@@ -11,6 +11,7 @@ from typing import Optional, Tuple, Type
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from timm.layers import register_notrace_function
 
 from .covariance import covariance, position_covariance
 
@@ -127,6 +128,46 @@ def _pointwise(v: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     return F.linear(v, weight.flatten(1), bias)
 
 
+class _ChannelScaleAdd(torch.autograd.Function):
+    """x * gate (+ shortcut) for a per-channel gate (B, C, 1, 1), with a leaner backward.
+
+    Autograd's backward of addcmul forms grad * x at full size and then sums it over the positions
+    for the gate's gradient; here each channel's gradient is a dot product of two (H*W) rows (one
+    bmm), with no full-size temporary. On CPU a fresh full-size tensor costs page faults as well as
+    a memory pass: at the stage-1 shape this backward is about 3x faster. The backward is made of
+    differentiable ops on the saved inputs, so double backward works.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, gate: Tensor, shortcut: Optional[Tensor]) -> Tensor:
+        ctx.save_for_backward(x, gate)
+        return x * gate if shortcut is None else torch.addcmul(shortcut, x, gate)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, gate = ctx.saved_tensors
+        grad_x = grad * gate if ctx.needs_input_grad[0] else None
+        grad_gate = None
+        if ctx.needs_input_grad[1]:
+            if grad.is_contiguous() and x.is_contiguous():
+                b, c = x.shape[:2]
+                dtype = torch.promote_types(grad.dtype, x.dtype)  # bmm wants one dtype (autocast mixes them)
+                grad_gate = torch.bmm(
+                    grad.reshape(b * c, 1, -1).to(dtype), x.reshape(b * c, -1, 1).to(dtype)).view(b, c, 1, 1)
+            else:  # e.g. channels_last, where (B*C, H*W) rows are not a view
+                grad_gate = (grad * x).sum((2, 3), keepdim=True)
+        grad_shortcut = grad if ctx.needs_input_grad[2] else None
+        return grad_x, grad_gate, grad_shortcut
+
+
+@register_notrace_function
+def channel_scale_add(x: Tensor, gate: Tensor, shortcut: Optional[Tensor] = None) -> Tensor:
+    """``x * gate + shortcut`` (or ``x * gate``) for a (B, C, 1, 1) gate on a (B, C, H, W) map."""
+    if torch.jit.is_scripting():  # TorchScript cannot call an autograd.Function
+        return x * gate if shortcut is None else torch.addcmul(shortcut, x, gate)
+    return _ChannelScaleAdd.apply(x, gate, shortcut)
+
+
 def _concat_fuse_kernel(channels: int) -> Tuple[int, int, int]:
     """(groups, kernel height, padding) of the official concat fusion's (k x 1) grouped convs."""
     groups = max(1, channels // 64)
@@ -190,10 +231,7 @@ class GSoPAttn(nn.Module):
 
     def forward(self, x: Tensor, shortcut: Optional[Tensor] = None) -> Tensor:
         if self.channel_gate is not None and self.position_gate is None:
-            gate = self.channel_gate(x)
-            if shortcut is None:
-                return x * gate
-            return torch.addcmul(shortcut, x, gate)
+            return channel_scale_add(x, self.channel_gate(x), shortcut)
 
         assert self.position_gate is not None
         by_position = (x * self.position_gate(x)).relu_()  # in place on a fresh product: one map less
@@ -201,7 +239,7 @@ class GSoPAttn(nn.Module):
             # Not in place: the ReLU's backward reads its output.
             return by_position if shortcut is None else by_position + shortcut
         else:
-            by_channel = x * self.channel_gate(x)
+            by_channel = channel_scale_add(x, self.channel_gate(x))
             if self.attn_mode == 'fusion_avg':
                 # The official "average" is a plain sum; the next BN/conv absorbs the factor 1/2.
                 out = by_channel + by_position
