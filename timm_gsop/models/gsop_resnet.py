@@ -10,7 +10,7 @@ ResNet; ``checkpoint_filter_fn`` converts checkpoints of the official code.
 """
 import re
 from functools import partial
-from typing import Any, Dict, List, Optional, Tuple, Type, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Type, Union
 
 import torch
 import torch.nn.functional as F
@@ -165,44 +165,20 @@ class GSoPResNet(nn.Module):
             norm_layer: Type[nn.Module] = nn.BatchNorm2d,
     ):
         super().__init__()
-        attn_mode = resolve_attn_mode(attn_mode)
-        if not isinstance(attn_dim, int) or attn_dim <= 0:
-            raise ValueError(f'attn_dim must be a positive integer, got {attn_dim!r}')
-        if len(layers) != 4 or len(attn_stages) != 4:
-            raise ValueError(f'layers and attn_stages need 4 entries, got {layers} and {attn_stages}')
+        attn_mode = self._init_common(
+            4, layers, attn_mode, attn_dim, attn_stages, num_classes, drop_rate, cov_dim, sqrt_iters, min_input_size)
         if last_stride not in (1, 2):
             raise ValueError(f'last_stride must be 1 or 2, got {last_stride}')
-        self.num_classes = num_classes
-        self.drop_rate = drop_rate
-        self.attn_mode = attn_mode or 'none'
-        self.cov_dim = cov_dim
-        self.sqrt_iters = sqrt_iters
-        self.min_input_size = min_input_size
-        self.grad_checkpointing = False
 
         self.conv1 = nn.Conv2d(in_chans, 64, kernel_size=7, stride=2, padding=3, bias=False)
         self.bn1 = norm_layer(64)
         self.act1 = act_layer(inplace=True)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         self.feature_info = [dict(num_chs=64, reduction=2, module='act1')]
-
-        block_dpr = torch.linspace(0, drop_path_rate, sum(layers)).tolist()
-        inplanes, reduction, offset = 64, 4, 0
-        for i, (depth, planes) in enumerate(zip(layers, (64, 128, 256, 512))):
-            stride = 1 if i == 0 else (last_stride if i == 3 else 2)
-            reduction *= stride
-            attn_layer = None
-            if attn_mode is not None and attn_stages[i]:
-                # The first stage's 56x56 map is reduced with stride 2, as in the official code.
-                attn_layer = partial(
-                    GSoPAttn, attn_mode=attn_mode, attn_dim=attn_dim, reduce_stride=2 if i == 0 else 1,
-                    act_layer=act_layer, norm_layer=norm_layer)
-            stage, inplanes = _make_stage(
-                inplanes, planes, depth, stride, attn_layer, block_dpr[offset:offset + depth],
-                act_layer=act_layer, norm_layer=norm_layer)
-            offset += depth
-            self.add_module(f'layer{i + 1}', stage)
-            self.feature_info.append(dict(num_chs=inplanes, reduction=reduction, module=f'layer{i + 1}'))
+        # The first stage's 56x56 map is reduced with stride 2 in the GSoP block, as in the official code.
+        inplanes = self._add_stages(
+            _make_stage, 64, 4, layers, (64, 128, 256, 512), (1, 2, 2, last_stride), (2, 1, 1, 1),
+            attn_mode, attn_dim, attn_stages, drop_path_rate, act_layer, norm_layer)
 
         self.num_features = inplanes
         self.global_pool, self.fc = self._create_head(global_pool, num_classes)
@@ -219,6 +195,53 @@ class GSoPResNet(nn.Module):
                     m.zero_init_last()
         # Official GSoP checkpoints also load through plain load_state_dict (checkpoint_path=, train.py).
         self.register_load_state_dict_pre_hook(_official_keys_pre_hook)
+
+    def _init_common(
+            self, num_stages: int, layers: Tuple[int, ...], attn_mode: Optional[str], attn_dim: int,
+            attn_stages: Tuple[bool, ...], num_classes: int, drop_rate: float, cov_dim: int, sqrt_iters: int,
+            min_input_size: int,
+    ) -> Optional[str]:
+        """The argument checks and attributes every GSoP-Net shares; returns the resolved attn_mode."""
+        attn_mode = resolve_attn_mode(attn_mode)
+        if not isinstance(attn_dim, int) or attn_dim <= 0:
+            raise ValueError(f'attn_dim must be a positive integer, got {attn_dim!r}')
+        if len(layers) != num_stages or len(attn_stages) != num_stages:
+            raise ValueError(f'layers and attn_stages need {num_stages} entries, got {layers} and {attn_stages}')
+        self.num_classes = num_classes
+        self.drop_rate = drop_rate
+        self.attn_mode = attn_mode or 'none'
+        self.cov_dim = cov_dim
+        self.sqrt_iters = sqrt_iters
+        self.min_input_size = min_input_size
+        self.grad_checkpointing = False
+        return attn_mode
+
+    def _add_stages(
+            self, make_stage: Callable[..., Tuple[nn.Sequential, int]], inplanes: int, reduction: int,
+            layers: Tuple[int, ...], widths: Tuple[int, ...], strides: Tuple[int, ...],
+            reduce_strides: Tuple[int, ...], attn_mode: Optional[str], attn_dim: int, attn_stages: Tuple[bool, ...],
+            drop_path_rate: float, act_layer: Type[nn.Module], norm_layer: Type[nn.Module],
+    ) -> int:
+        """Add the stages ``layer1``... and their feature_info; returns the last stage's channels.
+
+        A stage chosen by ``attn_stages`` gets a GSoP block (with ``reduce_strides[i]``) in its last block.
+        """
+        block_dpr = torch.linspace(0, drop_path_rate, sum(layers)).tolist()
+        offset = 0
+        for i, (depth, width, stride) in enumerate(zip(layers, widths, strides)):
+            reduction *= stride
+            attn_layer = None
+            if attn_mode is not None and attn_stages[i]:
+                attn_layer = partial(
+                    GSoPAttn, attn_mode=attn_mode, attn_dim=attn_dim, reduce_stride=reduce_strides[i],
+                    act_layer=act_layer, norm_layer=norm_layer)
+            stage, inplanes = make_stage(
+                inplanes, width, depth, stride, attn_layer, block_dpr[offset:offset + depth],
+                act_layer=act_layer, norm_layer=norm_layer)
+            offset += depth
+            self.add_module(f'layer{i + 1}', stage)
+            self.feature_info.append(dict(num_chs=inplanes, reduction=reduction, module=f'layer{i + 1}'))
+        return inplanes
 
     def _create_head(self, global_pool: str, num_classes: int) -> Tuple[nn.Module, nn.Module]:
         if global_pool == 'isqrt':

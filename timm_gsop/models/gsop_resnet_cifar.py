@@ -18,7 +18,6 @@ description and the ImageNet design (``gsop_resnet.py``):
 Parameter names follow the ImageNet models (``conv1``, ``layerN``, ``global_pool``, ``fc``) plus
 the final ``norm`` / ``act``.
 """
-from functools import partial
 from typing import Any, Dict, List, Optional, Tuple, Type, Union
 
 import torch
@@ -28,7 +27,6 @@ from timm.layers import DropPath
 from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
-from ..layers import GSoPAttn, resolve_attn_mode
 from .gsop_resnet import GSoPResNet, _cfg, check_input_size, create_gsop_model
 
 __all__ = ['GSoPResNetCifar', 'GSoPPreActBottleneck', 'CIFAR100_MEAN', 'CIFAR100_STD']
@@ -172,39 +170,16 @@ class GSoPResNetCifar(nn.Module):
             norm_layer: Type[nn.Module] = nn.BatchNorm2d,
     ):
         super().__init__()
-        attn_mode = resolve_attn_mode(attn_mode)
-        if not isinstance(attn_dim, int) or attn_dim <= 0:
-            raise ValueError(f'attn_dim must be a positive integer, got {attn_dim!r}')
-        if len(layers) != 3 or len(attn_stages) != 3:
-            raise ValueError(f'layers and attn_stages need 3 entries, got {layers} and {attn_stages}')
-        self.num_classes = num_classes
-        self.drop_rate = drop_rate
-        self.attn_mode = attn_mode or 'none'
-        self.cov_dim = cov_dim
-        self.sqrt_iters = sqrt_iters
-        self.min_input_size = min_input_size
-        self.grad_checkpointing = False
+        attn_mode = self._init_common(
+            3, layers, attn_mode, attn_dim, attn_stages, num_classes, drop_rate, cov_dim, sqrt_iters, min_input_size)
 
         # Pre-activation: the stem is a bare conv, the first block's BN-ReLU follows it.
         self.conv1 = nn.Conv2d(in_chans, stem_chs, kernel_size=3, stride=1, padding=1, bias=False)
         self.feature_info = [dict(num_chs=stem_chs, reduction=1, module='conv1')]
-
-        block_dpr = torch.linspace(0, drop_path_rate, sum(layers)).tolist()
-        inplanes, reduction, offset = stem_chs, 1, 0
-        for i, (depth, planes) in enumerate(zip(layers, (16, 32, 64))):
-            stride = 1 if i == 0 else 2
-            reduction *= stride
-            attn_layer = None
-            if attn_mode is not None and attn_stages[i]:
-                attn_layer = partial(
-                    GSoPAttn, attn_mode=attn_mode, attn_dim=attn_dim, reduce_stride=1, pool_size=8,
-                    act_layer=act_layer, norm_layer=norm_layer)
-            stage, inplanes = _make_stage(
-                inplanes, planes, depth, stride, attn_layer, block_dpr[offset:offset + depth],
-                act_layer=act_layer, norm_layer=norm_layer)
-            offset += depth
-            self.add_module(f'layer{i + 1}', stage)
-            self.feature_info.append(dict(num_chs=inplanes, reduction=reduction, module=f'layer{i + 1}'))
+        # The GSoP blocks' reduction conv has stride 1 everywhere: the maps are at most 32x32.
+        inplanes = self._add_stages(
+            _make_stage, stem_chs, 1, layers, (16, 32, 64), (1, 2, 2), (1, 1, 1),
+            attn_mode, attn_dim, attn_stages, drop_path_rate, act_layer, norm_layer)
         # The last feature is the normalised one that the head sees (as timm's ResNetV2).
         self.feature_info[-1]['module'] = 'act'
 
@@ -221,8 +196,10 @@ class GSoPResNetCifar(nn.Module):
                 if isinstance(m, GSoPPreActBottleneck):
                     m.zero_init_last()
 
-    # The head and classifier logic is the ImageNet models' (avg or iSQRT-COV pool + Linear; a
-    # reset keeps a trained iSQRT-COV pool): shared, not copied.
+    # The constructor's common part, the head and the classifier logic are the ImageNet models' (avg
+    # or iSQRT-COV pool + Linear; a reset keeps a trained iSQRT-COV pool): shared, not copied.
+    _init_common = GSoPResNet._init_common
+    _add_stages = GSoPResNet._add_stages
     _create_head = GSoPResNet._create_head
     get_classifier = GSoPResNet.get_classifier
     reset_classifier = GSoPResNet.reset_classifier
