@@ -15,10 +15,12 @@ Cases (224 px input, as GSoP-Net on ResNet-50 feeds them; stride-1 last stage):
   root and triangle, each alone and chained.
 
 Each case runs "forward" (inference mode) and "fwd+bwd" (train mode, forward and backward to the
-input and the parameters, from a dense gradient of ones at the output). The last column gives the FLOPs of one forward + backward of each side,
-as ``torch.utils.flop_counter`` counts them (matrix products and convs only): where the two are
-equal, a speed-up can only come from fewer memory passes or less per-call overhead. Ours and the naive reference share their parameters (the naive one
-calls our modules' convs and norms) and alternate within each repetition; times are medians.
+input and the parameters, from a dense gradient of ones at the output). Ours and the naive
+reference share their parameters (the naive one calls our modules' convs and norms) and alternate
+within each repetition; times are medians. The last column gives the FLOPs of one forward +
+backward of each side, as ``torch.utils.flop_counter`` counts them (matrix products and convs
+only): where the two are equal, a speed-up can only come from fewer memory passes or less
+per-call overhead.
 
 The naive reference is the textbook formulation, written here from the paper's equations in the
 way the official code computes them:
@@ -232,6 +234,13 @@ def build_cases(batch: int, modes: List[str], device: torch.device, channels_las
     return cases
 
 
+def _forward_backward(fn: Callable, leaves: List[Tensor], autocast) -> None:
+    # Backward from a dense gradient of ones, as a network hands one back (not sum()'s stride-0 one).
+    with autocast:
+        out = fn(*leaves)
+    out.backward(torch.ones_like(out))
+
+
 def _time_once(fn: Callable, inputs: List[Tensor], train: bool, module: Optional[nn.Module], device: torch.device,
                amp: bool) -> float:
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext()
@@ -243,9 +252,7 @@ def _time_once(fn: Callable, inputs: List[Tensor], train: bool, module: Optional
             module.zero_grad(set_to_none=True)
         _sync(device)
         t0 = time.perf_counter()
-        with autocast:
-            out = fn(*ins)
-        out.backward(torch.ones_like(out))  # a dense gradient, as a network hands it back (not sum()'s stride-0 one)
+        _forward_backward(fn, ins, autocast)
         _sync(device)
         return time.perf_counter() - t0
     _sync(device)
@@ -264,8 +271,7 @@ def _train_flops(fn: Callable, inputs: List[Tensor], module: Optional[nn.Module]
     ins = [t.detach().requires_grad_() for t in inputs]
     counter = FlopCounterMode(display=False)
     with counter:
-        out = fn(*ins)
-        out.backward(torch.ones_like(out))
+        _forward_backward(fn, ins, contextlib.nullcontext())
     if module is not None:
         module.zero_grad(set_to_none=True)
     return counter.get_total_flops()

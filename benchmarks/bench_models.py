@@ -254,9 +254,9 @@ def main(argv=None) -> None:
     if classifiers:
         small, large = classifiers
         extra = [a - b for a, b in zip(large.t_train, small.t_train)]
-        shares = ', '.join(
-            f'{100.0 * median([e / t for e, t in zip(extra, by_label[f"gsop_resnet{d} (attn_mode=none)"].t_train)]):+.1f} % '
-            f'of the ResNet-{d} trunk\'s' for d in depths)
+        trunks = {d: by_label[f'gsop_resnet{d} (attn_mode=none)'].t_train for d in depths}
+        shares = ', '.join(f'{100.0 * median([e / t for e, t in zip(extra, trunks[d])]):+.1f} % '
+                           f'of the ResNet-{d} trunk\'s' for d in depths)
         classifier_note = (
             f'\nPart of GSoP-Net2\'s training-step cost is its classifier, not GSoP maths: a training step of '
             f'`{large.label}` alone (forward, backward, SGD, batch {batch}) takes {1e3 * median(extra):.1f} ms more '
@@ -268,7 +268,8 @@ def main(argv=None) -> None:
                 f'wall time {time.time() - t_start:.0f} s')
     text = (f'Machine: {machine_line(device, threads)}\n'
             f'Settings: {settings}.\n\n{table}\n\n'
-            f'GSoP cost targets (issue 5): medians of the per-repetition ratios model / trunk, and their quartiles:\n\n{ttable}\n'
+            f'GSoP cost targets (issue 5): medians of the per-repetition ratios model / trunk, '
+            f'and their quartiles:\n\n{ttable}\n'
             + classifier_note + (f'\n{sync_note}\n' if sync_note else ''))
     print(text, end='')
     if args.out:
