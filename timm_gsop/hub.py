@@ -35,7 +35,7 @@ from torch import nn
 import timm
 from huggingface_hub import HfApi
 
-from .models.gsop_resnet import check_state_dict_fits, convert_official_state_dict, is_official_state_dict
+from .models._checkpoint import check_state_dict_fits, convert_official_state_dict, is_official_state_dict
 
 __all__ = [
     'ExportError', 'LoadedCheckpoint', 'read_checkpoint', 'build_model_from_checkpoint', 'export_checkpoint',

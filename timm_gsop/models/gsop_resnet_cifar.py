@@ -27,7 +27,8 @@ from timm.layers import DropPath
 from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
-from .gsop_resnet import GSoPResNet, _cfg, check_input_size, create_gsop_model
+from ._checkpoint import create_gsop_model
+from .gsop_resnet import GSoPResNet, _cfg, check_input_size
 
 __all__ = ['GSoPResNetCifar', 'GSoPPreActBottleneck', 'CIFAR100_MEAN', 'CIFAR100_STD']
 
