@@ -51,7 +51,6 @@ import torch.nn.functional as F  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
 from timm_gsop.layers import GSoPAttn, IsqrtCovPool, covariance, sqrtm_newton_schulz, triu_vec  # noqa: E402
-from timm_gsop.layers.gsop import _pointwise, _row_wise_conv  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------
 # Naive reference (textbook / official formulation)
@@ -115,7 +114,7 @@ def _row_conv(conv: nn.Conv2d, mats: Tensor) -> Tensor:
 
 
 def naive_channel_gate(g, x: Tensor) -> Tensor:
-    z = g.act(g.bn_reduce(g.conv_reduce(F.relu(x))))
+    z = g.act(g.bn_reduce(F.conv2d(F.relu(x), g.conv_reduce.weight, g.conv_reduce.bias, stride=g.reduce_stride)))
     cov = naive_covariance(z).unsqueeze(-1)
     v = _row_conv(g.row_conv, g.row_bn(cov))
     return torch.sigmoid(F.conv2d(v, g.fc.weight, g.fc.bias))
@@ -162,9 +161,7 @@ def naive_gate_from_reduced(g, z: Tensor) -> Tensor:
 
 def ours_gate_from_reduced(g, z: Tensor) -> Tensor:
     """The same with our pieces (what GSoPChannelGate.forward runs after its reduction conv)."""
-    v = _row_wise_conv(g.row_bn(covariance(z).unsqueeze(-1)), g.row_conv.weight, g.row_conv.bias)
-    v = _pointwise(v, g.fc.weight, g.fc.bias)
-    return torch.sigmoid(v).view(v.shape[0], v.shape[1], 1, 1)
+    return g._gate(z, z.dtype)
 
 
 def naive_head_ops(z: Tensor, num_iter: int = 3) -> Tensor:

@@ -137,7 +137,7 @@ def test_export_net1_ema_round_trip_and_card(net1_run, tmp_path, capsys):
     assert config['architecture'] == 'gsop_resnet50'
     assert config['num_classes'] == NUM_CLASSES
     assert config['model_args'] == {
-        'attn_mode': 'position', 'attn_dim': ATTN_DIM, 'num_classes': NUM_CLASSES, 'global_pool': 'avg'}
+        'attn_mode': 'position', 'attn_dim': ATTN_DIM, 'num_classes': NUM_CLASSES, 'global_pool': 'avg', 'in_chans': 3}
     pcfg = config['pretrained_cfg']
     assert pcfg['num_classes'] == NUM_CLASSES and tuple(pcfg['input_size']) == (3, 224, 224)
     assert pcfg['crop_pct'] == 0.875 and len(pcfg['mean']) == 3 and len(pcfg['std']) == 3

@@ -41,8 +41,8 @@ def test_gsop_blocks_sit_in_last_bottleneck_of_each_stage():
         model = timm.create_model(name, attn_dim=8)
         where = [n for n, m in model.named_modules() if isinstance(m, GSoPAttn)]
         assert where == ['layer1.2.attn', 'layer2.3.attn', 'layer3.5.attn', 'layer4.2.attn'][:stages]
-        assert model.layer1[2].attn.channel_gate.conv_reduce.stride == (2, 2)  # stage 1 (planes 64)
-        assert model.layer2[3].attn.channel_gate.conv_reduce.stride == (1, 1)
+        assert model.layer1[2].attn.channel_gate.reduce_stride == 2  # stage 1 (planes 64), as in the official code
+        assert model.layer2[3].attn.channel_gate.reduce_stride == 1
     net2 = timm.create_model(NET2, attn_dim=8)
     assert isinstance(net2.global_pool, IsqrtCovPool) and net2.global_pool.out_features == 32896
     assert net2.global_pool.cov_dim == 256 and net2.global_pool.num_iter == 3
@@ -75,7 +75,8 @@ def test_default_cfg_contract_at_224(name):
 @pytest.mark.parametrize('mode', ATTN_MODES + ('none',))
 @pytest.mark.parametrize('name', [NET1, NET2])
 def test_forward_backward_every_mode(name, mode):
-    model = timm.create_model(name, attn_mode=mode, num_classes=7, **TINY)
+    kwargs = dict(TINY, attn_dim=None) if mode == 'none' else TINY  # attn_dim without GSoP blocks is an error
+    model = timm.create_model(name, attn_mode=mode, num_classes=7, **kwargs)
     model.train()
     out = model(_x())
     assert out.shape == (2, 7)

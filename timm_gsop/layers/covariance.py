@@ -2,20 +2,30 @@
 
 Both functions take a feature map (B, C, *spatial) and never build the M x M centring matrix
 of the textbook form: they centre by subtracting a mean (or an outer product of sums), so cost and
-memory stay at one (C x M) @ (M x C) product (and, for ``covariance``, one product backward).
-Under autocast they run in float32 and cast back, since a covariance in bf16/fp16 loses the small
-differences it is made of.
+memory stay at one (C x M) @ (M x C) product. They compute in float32 whatever the input's
+precision (float64 stays float64) and return that: a covariance in bf16/fp16 loses the small
+differences it is made of, and under autocast the layers after it run in float32 too.
 """
+import contextlib
+
 import torch
 from torch import Tensor
 from timm.layers import register_notrace_function
 
-__all__ = ['covariance', 'position_covariance']
+__all__ = ['covariance', 'position_covariance', 'no_autocast', 'second_order_dtype']
 
 
-def _at_least_fp32(x: Tensor) -> Tensor:
-    # float64 stays float64 (reference and gradcheck use); half types go up to float32.
-    return x if x.dtype == torch.float64 else x.float()
+def second_order_dtype(x: Tensor) -> torch.dtype:
+    """The dtype second-order maths on ``x`` runs in: float64 for float64, else float32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def no_autocast(x: Tensor):
+    """A context with autocast off on ``x``'s device (nothing to turn off where autocast does not exist: meta)."""
+    device_type = x.device.type
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 class _Gram(torch.autograd.Function):
@@ -39,7 +49,9 @@ class _Gram(torch.autograd.Function):
 
 def _covariance(x: Tensor) -> Tensor:
     x = x.flatten(2)
-    x = x - x.mean(dim=2, keepdim=True)
+    # The mean is accumulated in float32 and the subtraction promotes to it: the centred map is the
+    # one float32 copy of the input.
+    x = x - x.mean(dim=2, keepdim=True, dtype=second_order_dtype(x))
     if torch.jit.is_scripting():
         gram = torch.bmm(x, x.transpose(1, 2))  # TorchScript cannot call an autograd.Function
     else:
@@ -55,16 +67,16 @@ def covariance(x: Tensor) -> Tensor:
         x: (B, C, *spatial) features, M = prod(spatial) positions.
 
     Returns:
-        (B, C, C) matrices (1/M) * sum_m (x_m - mean)(x_m - mean)^T, in the dtype of ``x``.
+        (B, C, C) matrices (1/M) * sum_m (x_m - mean)(x_m - mean)^T, in float32 (float64 for float64 ``x``).
     """
-    if not torch.jit.is_scripting():
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            return _covariance(_at_least_fp32(x)).to(x.dtype)
-    return _covariance(_at_least_fp32(x)).to(x.dtype)
+    if torch.jit.is_scripting():
+        return _covariance(x)
+    with no_autocast(x):
+        return _covariance(x)
 
 
 def _position_covariance(x: Tensor) -> Tensor:
-    x = x.flatten(2)  # (B, d, M)
+    x = x.flatten(2).to(second_order_dtype(x))  # (B, d, M)
     m = x.shape[2]
     s = x.sum(dim=1).unsqueeze(2)  # (B, M, 1): per-position sum over channels
     outer = torch.bmm(s, s.transpose(1, 2))
@@ -83,9 +95,9 @@ def position_covariance(x: Tensor) -> Tensor:
         x: (B, d, *spatial) features, M = prod(spatial) positions.
 
     Returns:
-        (B, M, M) matrices in the dtype of ``x``.
+        (B, M, M) matrices in float32 (float64 for float64 ``x``).
     """
-    if not torch.jit.is_scripting():
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            return _position_covariance(_at_least_fp32(x)).to(x.dtype)
-    return _position_covariance(_at_least_fp32(x)).to(x.dtype)
+    if torch.jit.is_scripting():
+        return _position_covariance(x)
+    with no_autocast(x):
+        return _position_covariance(x)

@@ -6,14 +6,15 @@ mode), or both (three fusions). The block has timm's attention-layer interface, 
 so it also serves as ``attn_layer`` of timm's own ResNet blocks.
 """
 import math
-from typing import Optional, Tuple, Type
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from timm.layers import register_notrace_function
+from timm.layers import LayerType, create_act_layer, get_norm_layer, register_notrace_module
 
-from .covariance import covariance, position_covariance
+from ._checks import check_positive_int
+from .covariance import covariance, no_autocast, position_covariance
 
 __all__ = ['GSoPAttn', 'GSoPChannelGate', 'GSoPPositionGate', 'ATTN_MODES', 'resolve_attn_mode']
 
@@ -32,61 +33,85 @@ def resolve_attn_mode(attn_mode: Optional[str]) -> Optional[str]:
     return attn_mode
 
 
+@register_notrace_module  # fx keeps the gate whole, so its float32 part stays free of autocast
 class GSoPChannelGate(nn.Module):
-    """Per-channel gate (B, C, 1, 1) from the (attn_dim x attn_dim) covariance of a reduced copy."""
+    """Per-channel gate (B, C, 1, 1) from the (attn_dim x attn_dim) covariance of a reduced copy.
+
+    ReLU copy -> 1x1 conv to ``attn_dim`` -> norm -> act -> covariance -> norm of its rows -> row-wise
+    conv (4 filters a row) -> 1x1 conv to C -> sigmoid. From the covariance on, the gate computes in
+    float32 (autocast off): the matrices are small, and no cast of a weight is needed.
+
+    Args:
+        channels: channels of the input map (and of the gate).
+        attn_dim: channels of the reduced copy, the covariance size (128).
+        reduce_stride: stride of the 1x1 reduction (2 in ResNet's first stage, as in the official code).
+        act_layer, norm_layer: classes or timm's names ('relu', 'batchnorm').
+    """
 
     def __init__(
             self,
             channels: int,
             attn_dim: int = 128,
             reduce_stride: int = 1,
-            act_layer: Type[nn.Module] = nn.ReLU,
-            norm_layer: Type[nn.Module] = nn.BatchNorm2d,
+            act_layer: LayerType = nn.ReLU,
+            norm_layer: LayerType = nn.BatchNorm2d,
             device=None,
             dtype=None,
     ):
+        dd = {'device': device, 'dtype': dtype}
         super().__init__()
-        dd = dict(device=device, dtype=dtype)
+        norm_layer = get_norm_layer(norm_layer)
+        # A 1x1 conv of stride s reads one pixel in s^2: forward takes those pixels before the ReLU
+        # copy, so the copy (and its gradient) is 1/s^2 of the map, and the conv has stride 1.
         self.reduce_stride = reduce_stride
-        self.conv_reduce = nn.Conv2d(channels, attn_dim, kernel_size=1, stride=reduce_stride, bias=True, **dd)
+        self.conv_reduce = nn.Conv2d(channels, attn_dim, kernel_size=1, bias=True, **dd)
         self.bn_reduce = norm_layer(attn_dim, **dd)
-        self.act = act_layer(inplace=True)
-        # Covariance rows are the channels of a BatchNorm2d, and each row gets its own 4 filters:
-        # a grouped conv with one group per row (the paper's "row-wise convolution").
+        self.act = create_act_layer(act_layer, inplace=True)
+        # The covariance's rows are the channels of a 2d norm, and each row gets its own 4 filters:
+        # a grouped conv with one group per row and a (attn_dim x 1) kernel (the paper's "row-wise convolution").
         self.row_bn = norm_layer(attn_dim, **dd)
         self.row_conv = nn.Conv2d(
             attn_dim, 4 * attn_dim, kernel_size=(attn_dim, 1), groups=attn_dim, bias=True, **dd)
         self.fc = nn.Conv2d(4 * attn_dim, channels, kernel_size=1, bias=True, **dd)
 
+    def _gate(self, x: Tensor, dtype: torch.dtype) -> Tensor:
+        x = covariance(x).to(self.row_conv.weight.dtype).unsqueeze(-1)  # (B, d, d, 1): a row per channel
+        x = self.fc(self.row_conv(self.row_bn(x)))  # (B, C, 1, 1)
+        return torch.sigmoid(x).to(dtype)
+
     def forward(self, x: Tensor) -> Tensor:
+        dtype = x.dtype
         if self.reduce_stride > 1:
-            # A strided 1x1 conv reads one pixel in stride^2: take the ReLU copy of those only.
-            s = self.reduce_stride
-            x = F.conv2d(F.relu(x[:, :, ::s, ::s]), self.conv_reduce.weight, self.conv_reduce.bias)
-        else:
-            x = self.conv_reduce(F.relu(x))
-        x = self.act(self.bn_reduce(x))
-        x = covariance(x).unsqueeze(-1)  # (B, d, d, 1)
-        x = _row_wise_conv(self.row_bn(x), self.row_conv.weight, self.row_conv.bias)  # (B, 4d), one bmm
-        x = _pointwise(x, self.fc.weight, self.fc.bias)  # self.fc on a 1x1 map, as a linear layer
-        return torch.sigmoid(x).view(x.shape[0], x.shape[1], 1, 1)
+            x = x[:, :, ::self.reduce_stride, ::self.reduce_stride]
+        x = self.act(self.bn_reduce(self.conv_reduce(F.relu(x))))
+        if torch.jit.is_scripting():
+            return self._gate(x, dtype)
+        with no_autocast(x):
+            return self._gate(x, dtype)
 
 
+@register_notrace_module  # fx keeps the gate whole, so its float32 part stays free of autocast
 class GSoPPositionGate(nn.Module):
-    """Per-position gate (B, 1, H, W) from the covariance of a (pool_size x pool_size) pooled map."""
+    """Per-position gate (B, 1, H, W) from the covariance of a (pool_size x pool_size) pooled map.
+
+    ReLU copy -> 1x1 conv to ``attn_dim`` -> norm -> average pool to pool_size x pool_size -> position
+    covariance (P x P, P = pool_size^2) -> norm of its rows -> row-wise conv -> act -> 1x1 conv to P ->
+    sigmoid, enlarged back to H x W. From the covariance on, in float32 as in the channel gate.
+    """
 
     def __init__(
             self,
             channels: int,
             attn_dim: int = 128,
             pool_size: int = 8,
-            act_layer: Type[nn.Module] = nn.ReLU,
-            norm_layer: Type[nn.Module] = nn.BatchNorm2d,
+            act_layer: LayerType = nn.ReLU,
+            norm_layer: LayerType = nn.BatchNorm2d,
             device=None,
             dtype=None,
     ):
+        dd = {'device': device, 'dtype': dtype}
         super().__init__()
-        dd = dict(device=device, dtype=dtype)
+        norm_layer = get_norm_layer(norm_layer)
         num_pos = pool_size * pool_size
         self.pool_size = pool_size
         self.conv_reduce = nn.Conv2d(channels, attn_dim, kernel_size=1, bias=True, **dd)
@@ -94,78 +119,25 @@ class GSoPPositionGate(nn.Module):
         self.row_bn = norm_layer(num_pos, **dd)
         self.row_conv = nn.Conv2d(
             num_pos, 4 * num_pos, kernel_size=(num_pos, 1), groups=num_pos, bias=True, **dd)
-        self.act = act_layer(inplace=True)
+        self.act = create_act_layer(act_layer, inplace=True)
         self.fc = nn.Conv2d(4 * num_pos, num_pos, kernel_size=1, bias=True, **dd)
+
+    def _gate(self, x: Tensor, dtype: torch.dtype) -> Tensor:
+        x = position_covariance(x).to(self.row_conv.weight.dtype).unsqueeze(-1)  # (B, P, P, 1)
+        x = self.fc(self.act(self.row_conv(self.row_bn(x))))  # (B, P, 1, 1)
+        return torch.sigmoid(x).to(dtype).view(x.shape[0], 1, self.pool_size, self.pool_size)
 
     def forward(self, x: Tensor) -> Tensor:
         out_size = (x.shape[-2], x.shape[-1])
+        dtype = x.dtype
         x = self.bn_reduce(self.conv_reduce(F.relu(x)))  # no activation here in the official block
         x = F.adaptive_avg_pool2d(x, self.pool_size)
-        x = position_covariance(x).unsqueeze(-1)  # (B, P, P, 1)
-        x = _row_wise_conv(self.row_bn(x), self.row_conv.weight, self.row_conv.bias)  # (B, 4P)
-        x = _pointwise(self.act(x), self.fc.weight, self.fc.bias)  # (B, P)
-        x = torch.sigmoid(x).view(x.shape[0], 1, self.pool_size, self.pool_size)
-        return F.adaptive_avg_pool2d(x, out_size)
-
-
-def _row_wise_conv(mats: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    """The row-wise convolution of (B, R, R, 1) matrices, as a batched matrix product.
-
-    ``weight`` (k * R, 1, R, 1) and ``bias`` are those of the grouped conv with one group per row
-    and an (R, 1) kernel (``row_conv``); output channel ``k * i + j`` is row i dotted with filter
-    ``weight[k * i + j]``, exactly as the conv computes it. One einsum (a bmm over the rows) is
-    several times faster than the grouped conv on CPU, forward and backward. Returns (B, k * R).
-    """
-    rows = mats.flatten(2)  # (B, R, R)
-    out = torch.einsum('bil,ikl->bik', rows, weight.reshape(rows.shape[1], -1, rows.shape[2])).flatten(1)
-    if bias is not None:
-        out = out + bias
-    return out
-
-
-def _pointwise(v: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    """A 1x1 conv (``weight`` (C_out, C_in, 1, 1)) on (B, C_in) vectors, i.e. a 1x1 map: (B, C_out)."""
-    return F.linear(v, weight.flatten(1), bias)
-
-
-class _ChannelScaleAdd(torch.autograd.Function):
-    """x * gate (+ shortcut) for a per-channel gate (B, C, 1, 1), with a leaner backward.
-
-    Autograd's backward of addcmul forms grad * x at full size and then sums it over the positions
-    for the gate's gradient; here each channel's gradient is a dot product of two (H*W) rows (one
-    bmm), with no full-size temporary. On CPU a fresh full-size tensor costs page faults as well as
-    a memory pass: at the stage-1 shape this backward is about 3x faster. The backward is made of
-    differentiable ops on the saved inputs, so double backward works.
-    """
-
-    @staticmethod
-    def forward(ctx, x: Tensor, gate: Tensor, shortcut: Optional[Tensor]) -> Tensor:
-        ctx.save_for_backward(x, gate)
-        return x * gate if shortcut is None else torch.addcmul(shortcut, x, gate)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        x, gate = ctx.saved_tensors
-        grad_x = grad * gate if ctx.needs_input_grad[0] else None
-        grad_gate = None
-        if ctx.needs_input_grad[1]:
-            if grad.is_contiguous() and x.is_contiguous():
-                b, c = x.shape[:2]
-                dtype = torch.promote_types(grad.dtype, x.dtype)  # bmm wants one dtype (autocast mixes them)
-                grad_gate = torch.bmm(
-                    grad.reshape(b * c, 1, -1).to(dtype), x.reshape(b * c, -1, 1).to(dtype)).view(b, c, 1, 1)
-            else:  # e.g. channels_last, where (B*C, H*W) rows are not a view
-                grad_gate = (grad * x).sum((2, 3), keepdim=True)
-        grad_shortcut = grad if ctx.needs_input_grad[2] else None
-        return grad_x, grad_gate, grad_shortcut
-
-
-@register_notrace_function
-def channel_scale_add(x: Tensor, gate: Tensor, shortcut: Optional[Tensor] = None) -> Tensor:
-    """``x * gate + shortcut`` (or ``x * gate``) for a (B, C, 1, 1) gate on a (B, C, H, W) map."""
-    if torch.jit.is_scripting():  # TorchScript cannot call an autograd.Function
-        return x * gate if shortcut is None else torch.addcmul(shortcut, x, gate)
-    return _ChannelScaleAdd.apply(x, gate, shortcut)
+        if torch.jit.is_scripting():
+            gate = self._gate(x, dtype)
+        else:
+            with no_autocast(x):
+                gate = self._gate(x, dtype)
+        return F.adaptive_avg_pool2d(gate, out_size)
 
 
 def _concat_fuse_kernel(channels: int) -> Tuple[int, int, int]:
@@ -188,9 +160,11 @@ class GSoPAttn(nn.Module):
         attn_dim: channels of the reduced copy, the covariance size in channel mode (128).
         reduce_stride: stride of the channel-mode reduction conv (2 in ResNet's first stage).
         pool_size: side of the pooled map in position mode (8: a 64 x 64 covariance).
+        act_layer, norm_layer: classes or timm's names ('relu', 'batchnorm').
 
     ``forward(x)`` returns the scaled map; ``forward(x, shortcut)`` returns it plus ``shortcut``,
-    in one pass where the mode allows (channel mode: a fused multiply-add).
+    in one pass where the mode allows (channel mode: a fused multiply-add, one full-map pass instead
+    of the two of a multiply and then an add).
     """
 
     def __init__(
@@ -200,18 +174,20 @@ class GSoPAttn(nn.Module):
             attn_dim: int = 128,
             reduce_stride: int = 1,
             pool_size: int = 8,
-            act_layer: Type[nn.Module] = nn.ReLU,
-            norm_layer: Type[nn.Module] = nn.BatchNorm2d,
+            act_layer: LayerType = nn.ReLU,
+            norm_layer: LayerType = nn.BatchNorm2d,
             device=None,
             dtype=None,
     ):
+        dd = {'device': device, 'dtype': dtype}
         super().__init__()
-        dd = dict(device=device, dtype=dtype)
         mode = resolve_attn_mode(attn_mode)
         if mode is None:
             raise ValueError("GSoPAttn needs an attention mode; leave the layer out for attn_mode='none'.")
-        if not isinstance(attn_dim, int) or attn_dim <= 0:
-            raise ValueError(f'attn_dim must be a positive integer, got {attn_dim!r}')
+        for name, value in (('channels', channels), ('attn_dim', attn_dim), ('reduce_stride', reduce_stride),
+                            ('pool_size', pool_size)):
+            check_positive_int(name, value)
+        norm_layer = get_norm_layer(norm_layer)
         self.attn_mode = mode
         use_channel = mode != 'position'
         use_position = mode != 'channel'
@@ -230,8 +206,10 @@ class GSoPAttn(nn.Module):
             self.fuse_bn = None
 
     def forward(self, x: Tensor, shortcut: Optional[Tensor] = None) -> Tensor:
-        if self.channel_gate is not None and self.position_gate is None:
-            return channel_scale_add(x, self.channel_gate(x), shortcut)
+        if self.position_gate is None:
+            assert self.channel_gate is not None
+            gate = self.channel_gate(x)
+            return x * gate if shortcut is None else torch.addcmul(shortcut, x, gate)
 
         assert self.position_gate is not None
         by_position = (x * self.position_gate(x)).relu_()  # in place on a fresh product: one map less
@@ -239,7 +217,7 @@ class GSoPAttn(nn.Module):
             # Not in place: the ReLU's backward reads its output.
             return by_position if shortcut is None else by_position + shortcut
         else:
-            by_channel = channel_scale_add(x, self.channel_gate(x))
+            by_channel = x * self.channel_gate(x)
             if self.attn_mode == 'fusion_avg':
                 # The official "average" is a plain sum; the next BN/conv absorbs the factor 1/2.
                 out = by_channel + by_position

@@ -2,15 +2,16 @@
 
 Li et al., "Towards Faster Training of Global Covariance Pooling Networks by Iterative Matrix
 Square Root Normalization" (CVPR 2018); GSoP-Net2 uses it as its final pooling. Everything is
-batched (bmm), autograd gives the backward, and the maths runs in float32 under autocast.
+batched (bmm), autograd gives the backward, and the maths runs in float32 whatever the input's precision.
 """
-from typing import Optional, Type
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
-from timm.layers import register_notrace_function
+from timm.layers import LayerType, create_act_layer, get_norm_layer, register_notrace_function
 
-from .covariance import _at_least_fp32, covariance
+from ._checks import check_positive_int
+from .covariance import covariance, no_autocast, second_order_dtype
 
 __all__ = ['sqrtm_newton_schulz', 'triu_vec', 'triu_indices', 'IsqrtCovPool']
 
@@ -39,14 +40,15 @@ def sqrtm_newton_schulz(x: Tensor, num_iter: int = 3, eps: float = 1e-5) -> Tens
     """Approximate square root of a batch of SPD matrices (B, d, d) by coupled Newton-Schulz.
 
     ``num_iter`` iterations after trace pre-normalisation, then sqrt(trace) post-compensation, as
-    iSQRT-COV defines it. ``eps`` floors the trace. Returns the dtype of ``x``.
+    iSQRT-COV defines it. ``eps`` floors the trace. Returns float32 (float64 for float64 ``x``).
     """
     if num_iter < 1:
         raise ValueError(f'num_iter must be >= 1, got {num_iter}')
-    if not torch.jit.is_scripting():
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            return _sqrtm_newton_schulz(_at_least_fp32(x), num_iter, eps).to(x.dtype)
-    return _sqrtm_newton_schulz(_at_least_fp32(x), num_iter, eps).to(x.dtype)
+    x = x.to(second_order_dtype(x))
+    if torch.jit.is_scripting():
+        return _sqrtm_newton_schulz(x, num_iter, eps)
+    with no_autocast(x):
+        return _sqrtm_newton_schulz(x, num_iter, eps)
 
 
 def triu_indices(dim: int, device: Optional[torch.device] = None) -> Tensor:
@@ -72,14 +74,15 @@ class IsqrtCovPool(nn.Module):
     """Global pooling by the matrix square root of a covariance (GSoP-Net2's head, iSQRT-COV).
 
     1x1 conv to ``cov_dim`` channels + norm + act, covariance over positions, Newton-Schulz square
-    root, upper triangle: (B, C, H, W) -> (B, cov_dim * (cov_dim + 1) / 2). Any backbone's feature
-    map can feed it; put a Linear on its output.
+    root, upper triangle: (B, C, H, W) -> (B, cov_dim * (cov_dim + 1) / 2) in the input's dtype. Any
+    backbone's feature map can feed it; put a Linear on its output.
 
     Args:
         channels: input channels.
         cov_dim: channels after the reduction, the covariance size (256 in GSoP-Net2).
         num_iter: Newton-Schulz iterations (3 in GSoP-Net2).
         eps: floor of the trace in the pre-normalisation.
+        act_layer, norm_layer: after the reduction conv; classes or timm's names ('relu', 'batchnorm').
     """
     pool_type = 'isqrt'
 
@@ -89,21 +92,26 @@ class IsqrtCovPool(nn.Module):
             cov_dim: int = 256,
             num_iter: int = 3,
             eps: float = 1e-5,
-            act_layer: Type[nn.Module] = nn.ReLU,
-            norm_layer: Type[nn.Module] = nn.BatchNorm2d,
+            act_layer: LayerType = nn.ReLU,
+            norm_layer: LayerType = nn.BatchNorm2d,
+            device=None,
+            dtype=None,
     ):
+        dd = {'device': device, 'dtype': dtype}
         super().__init__()
-        if cov_dim <= 0:
-            raise ValueError(f'cov_dim must be a positive integer, got {cov_dim}')
-        if num_iter < 1:
-            raise ValueError(f'num_iter must be >= 1, got {num_iter}')
+        check_positive_int('cov_dim', cov_dim)
+        check_positive_int('num_iter', num_iter)
         self.cov_dim = cov_dim
         self.num_iter = num_iter
         self.eps = eps
-        self.conv_reduce = nn.Conv2d(channels, cov_dim, kernel_size=1, bias=False)
-        self.bn = norm_layer(cov_dim)
-        self.act = act_layer(inplace=True)
-        self.register_buffer('index', triu_indices(cov_dim), persistent=False)
+        self.conv_reduce = nn.Conv2d(channels, cov_dim, kernel_size=1, bias=False, **dd)
+        self.bn = get_norm_layer(norm_layer)(cov_dim, **dd)
+        self.act = create_act_layer(act_layer, inplace=True)
+        self.register_buffer('index', triu_indices(cov_dim, device=device), persistent=False)
+
+    def init_non_persistent_buffers(self) -> None:
+        """Recompute the triangle's index (after a model made on the meta device is materialised)."""
+        self.index = triu_indices(self.cov_dim, device=self.conv_reduce.weight.device)
 
     @property
     def out_features(self) -> int:
@@ -116,6 +124,7 @@ class IsqrtCovPool(nn.Module):
         return False
 
     def forward(self, x: Tensor) -> Tensor:
+        dtype = x.dtype
         x = self.act(self.bn(self.conv_reduce(x)))
         x = sqrtm_newton_schulz(covariance(x), self.num_iter, self.eps)
-        return triu_vec(x, self.index)
+        return triu_vec(x, self.index).to(dtype)

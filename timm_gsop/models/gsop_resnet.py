@@ -6,40 +6,31 @@ pools by global average. GSoP-Net2 has blocks in the first three stages only and
 
 As in the official code (ZilinGao/Global-Second-order-Pooling-Convolutional-Networks) the last
 stage keeps stride 1 without dilation: 14x14 features at 224 px. Parameter names follow timm's
-ResNet; ``checkpoint_filter_fn`` converts checkpoints of the official code.
+ResNet; ``checkpoint_filter_fn`` (``_checkpoint.py``) converts checkpoints of the official code.
 """
 from functools import partial
-from typing import Any, Callable, Dict, List, Optional, Tuple, Type, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, create_classifier, register_notrace_function
+from timm.layers import DropPath, LayerType, get_act_layer, get_norm_layer
 from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
+from timm.models.resnet import downsample_conv
 
-from ..layers import GSoPAttn, IsqrtCovPool, resolve_attn_mode
-from ._checkpoint import _official_keys_pre_hook, create_gsop_model
+from ._base import GSoPNet, check_input_size, make_blocks
+from ._checkpoint import create_gsop_model
 
 __all__ = ['GSoPResNet', 'GSoPBottleneck']
-
-
-@register_notrace_function
-def check_input_size(x: Tensor, min_size: int) -> Tensor:
-    """Returns ``x`` (so fx keeps the check in its graph) or raises for a too small image."""
-    if x.shape[-1] < min_size or x.shape[-2] < min_size:
-        raise ValueError(
-            f'Input of {x.shape[-2]}x{x.shape[-1]} px is smaller than this model accepts: '
-            f'height and width must be at least {min_size} px.')
-    return x
 
 
 class GSoPBottleneck(nn.Module):
     """ResNet v1.5 bottleneck (stride on the 3x3) with an optional attention layer after bn3.
 
-    The attention layer gets the shortcut too, so that its scale and the residual add are one pass.
+    The attention layer gets the shortcut too, so that its scale and the residual add are one pass
+    over the map, unless stochastic depth has to drop the scaled branch alone.
     """
     expansion = 4
 
@@ -49,22 +40,25 @@ class GSoPBottleneck(nn.Module):
             planes: int,
             stride: int = 1,
             downsample: Optional[nn.Module] = None,
-            attn_layer: Optional[Any] = None,
-            act_layer: Type[nn.Module] = nn.ReLU,
-            norm_layer: Type[nn.Module] = nn.BatchNorm2d,
+            attn_layer: Optional[Callable[..., nn.Module]] = None,
+            act_layer: Callable[..., nn.Module] = nn.ReLU,
+            norm_layer: Callable[..., nn.Module] = nn.BatchNorm2d,
             drop_path: float = 0.,
+            device=None,
+            dtype=None,
     ):
+        dd = {'device': device, 'dtype': dtype}
         super().__init__()
         outplanes = planes * self.expansion
-        self.conv1 = nn.Conv2d(inplanes, planes, kernel_size=1, bias=False)
-        self.bn1 = norm_layer(planes)
+        self.conv1 = nn.Conv2d(inplanes, planes, kernel_size=1, bias=False, **dd)
+        self.bn1 = norm_layer(planes, **dd)
         self.act1 = act_layer(inplace=True)
-        self.conv2 = nn.Conv2d(planes, planes, kernel_size=3, stride=stride, padding=1, bias=False)
-        self.bn2 = norm_layer(planes)
+        self.conv2 = nn.Conv2d(planes, planes, kernel_size=3, stride=stride, padding=1, bias=False, **dd)
+        self.bn2 = norm_layer(planes, **dd)
         self.act2 = act_layer(inplace=True)
-        self.conv3 = nn.Conv2d(planes, outplanes, kernel_size=1, bias=False)
-        self.bn3 = norm_layer(outplanes)
-        self.attn = attn_layer(outplanes) if attn_layer is not None else None
+        self.conv3 = nn.Conv2d(planes, outplanes, kernel_size=1, bias=False, **dd)
+        self.bn3 = norm_layer(outplanes, **dd)
+        self.attn = attn_layer(outplanes, **dd) if attn_layer is not None else None
         self.act3 = act_layer(inplace=True)
         self.downsample = downsample
         self.drop_path = DropPath(drop_path) if drop_path > 0. else None
@@ -79,49 +73,18 @@ class GSoPBottleneck(nn.Module):
         x = self.bn3(self.conv3(x))
         if self.downsample is not None:
             shortcut = self.downsample(shortcut)
-        if self.drop_path is not None:
-            if self.attn is not None:
-                x = self.attn(x)
-            x = self.drop_path(x) + shortcut
-        elif self.attn is not None:
+        if self.attn is not None and self.drop_path is None:
             x = self.attn(x, shortcut)
         else:
+            if self.attn is not None:
+                x = self.attn(x)
+            if self.drop_path is not None:
+                x = self.drop_path(x)
             x = x + shortcut
         return self.act3(x)
 
 
-def _make_stage(
-        inplanes: int,
-        planes: int,
-        depth: int,
-        stride: int,
-        attn_layer: Optional[Any],
-        drop_path_rates: List[float],
-        **block_kwargs,
-) -> Tuple[nn.Sequential, int]:
-    outplanes = planes * GSoPBottleneck.expansion
-    downsample = None
-    if stride != 1 or inplanes != outplanes:
-        norm_layer = block_kwargs.get('norm_layer', nn.BatchNorm2d)
-        downsample = nn.Sequential(
-            nn.Conv2d(inplanes, outplanes, kernel_size=1, stride=stride, bias=False),
-            norm_layer(outplanes),
-        )
-    blocks = []
-    for i in range(depth):
-        blocks.append(GSoPBottleneck(
-            inplanes if i == 0 else outplanes,
-            planes,
-            stride=stride if i == 0 else 1,
-            downsample=downsample if i == 0 else None,
-            attn_layer=attn_layer if i == depth - 1 else None,  # GSoP only in a stage's last block
-            drop_path=drop_path_rates[i],
-            **block_kwargs,
-        ))
-    return nn.Sequential(*blocks), outplanes
-
-
-class GSoPResNet(nn.Module):
+class GSoPResNet(GSoPNet):
     """GSoP-Net on a ResNet (bottleneck) backbone.
 
     Args:
@@ -142,6 +105,8 @@ class GSoPResNet(nn.Module):
         zero_init_last: zero-init each block's last BN weight (timm's default for ResNets; the
             official GSoP code does not).
         min_input_size: smallest accepted height/width in pixels.
+        act_layer, norm_layer: classes or timm's names ('relu', 'silu', 'batchnorm', ...), for the
+            backbone and the GSoP blocks (the iSQRT-COV pool keeps BN + ReLU).
     """
 
     def __init__(
@@ -150,129 +115,64 @@ class GSoPResNet(nn.Module):
             num_classes: int = 1000,
             in_chans: int = 3,
             attn_mode: Optional[str] = 'channel',
-            attn_dim: int = 128,
+            attn_dim: Optional[int] = None,
             attn_stages: Tuple[bool, ...] = (True, True, True, True),
             last_stride: int = 1,
             global_pool: str = 'avg',
-            cov_dim: int = 256,
-            sqrt_iters: int = 3,
+            cov_dim: Optional[int] = None,
+            sqrt_iters: Optional[int] = None,
             drop_rate: float = 0.,
             drop_path_rate: float = 0.,
             zero_init_last: bool = False,
             min_input_size: int = 64,
-            act_layer: Type[nn.Module] = nn.ReLU,
-            norm_layer: Type[nn.Module] = nn.BatchNorm2d,
+            act_layer: LayerType = nn.ReLU,
+            norm_layer: LayerType = nn.BatchNorm2d,
+            device=None,
+            dtype=None,
     ):
-        super().__init__()
-        attn_mode = self._init_common(
-            4, layers, attn_mode, attn_dim, attn_stages, num_classes, drop_rate, cov_dim, sqrt_iters, min_input_size)
-        if last_stride not in (1, 2):
-            raise ValueError(f'last_stride must be 1 or 2, got {last_stride}')
+        dd = {'device': device, 'dtype': dtype}
+        super().__init__(
+            num_stages=4, layers=layers, num_classes=num_classes, in_chans=in_chans, attn_mode=attn_mode,
+            attn_dim=attn_dim, attn_stages=attn_stages, global_pool=global_pool, cov_dim=cov_dim,
+            sqrt_iters=sqrt_iters, drop_rate=drop_rate, drop_path_rate=drop_path_rate,
+            zero_init_last=zero_init_last, min_input_size=min_input_size)
+        if last_stride not in (1, 2) or isinstance(last_stride, bool):
+            raise ValueError(f'last_stride must be 1 or 2, got {last_stride!r}')
+        act_layer = get_act_layer(act_layer)
+        norm_layer = get_norm_layer(norm_layer)
 
-        self.conv1 = nn.Conv2d(in_chans, 64, kernel_size=7, stride=2, padding=3, bias=False)
-        self.bn1 = norm_layer(64)
+        self.conv1 = nn.Conv2d(in_chans, 64, kernel_size=7, stride=2, padding=3, bias=False, **dd)
+        self.bn1 = norm_layer(64, **dd)
         self.act1 = act_layer(inplace=True)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         self.feature_info = [dict(num_chs=64, reduction=2, module='act1')]
-        # The first stage's 56x56 map is reduced with stride 2 in the GSoP block, as in the official code.
-        inplanes = self._add_stages(
-            _make_stage, 64, 4, layers, (64, 128, 256, 512), (1, 2, 2, last_stride), (2, 1, 1, 1),
-            attn_mode, attn_dim, attn_stages, drop_path_rate, act_layer, norm_layer)
 
-        self.num_features = inplanes
-        self.global_pool, self.fc = self._create_head(global_pool, num_classes)
+        stages, stage_info = make_blocks(
+            block_fn=GSoPBottleneck,
+            channels=(64, 128, 256, 512),
+            block_repeats=layers,
+            strides=(1, 2, 2, last_stride),
+            inplanes=64,
+            reduction=4,
+            downsample_layer=partial(downsample_conv, kernel_size=1, norm_layer=norm_layer),
+            # The first stage's 56x56 map is reduced with stride 2 in its GSoP block, as in the official code.
+            attn_layers=self.attn_layers(attn_stages, (2, 1, 1, 1), act_layer=act_layer, norm_layer=norm_layer),
+            drop_path_rate=drop_path_rate,
+            act_layer=act_layer,
+            norm_layer=norm_layer,
+            **dd,
+        )
+        for stage in stages:
+            self.add_module(*stage)
+        self.feature_info.extend(stage_info)
 
-        for name, m in self.named_modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-        if zero_init_last:
-            for m in self.modules():
-                if isinstance(m, GSoPBottleneck):
-                    m.zero_init_last()
-        # Official GSoP checkpoints also load through plain load_state_dict (checkpoint_path=, train.py).
-        self.register_load_state_dict_pre_hook(_official_keys_pre_hook)
-
-    def _init_common(
-            self, num_stages: int, layers: Tuple[int, ...], attn_mode: Optional[str], attn_dim: int,
-            attn_stages: Tuple[bool, ...], num_classes: int, drop_rate: float, cov_dim: int, sqrt_iters: int,
-            min_input_size: int,
-    ) -> Optional[str]:
-        """The argument checks and attributes every GSoP-Net shares; returns the resolved attn_mode."""
-        attn_mode = resolve_attn_mode(attn_mode)
-        if not isinstance(attn_dim, int) or attn_dim <= 0:
-            raise ValueError(f'attn_dim must be a positive integer, got {attn_dim!r}')
-        if len(layers) != num_stages or len(attn_stages) != num_stages:
-            raise ValueError(f'layers and attn_stages need {num_stages} entries, got {layers} and {attn_stages}')
-        self.num_classes = num_classes
-        self.drop_rate = drop_rate
-        self.attn_mode = attn_mode or 'none'
-        self.cov_dim = cov_dim
-        self.sqrt_iters = sqrt_iters
-        self.min_input_size = min_input_size
-        self.grad_checkpointing = False
-        return attn_mode
-
-    def _add_stages(
-            self, make_stage: Callable[..., Tuple[nn.Sequential, int]], inplanes: int, reduction: int,
-            layers: Tuple[int, ...], widths: Tuple[int, ...], strides: Tuple[int, ...],
-            reduce_strides: Tuple[int, ...], attn_mode: Optional[str], attn_dim: int, attn_stages: Tuple[bool, ...],
-            drop_path_rate: float, act_layer: Type[nn.Module], norm_layer: Type[nn.Module],
-    ) -> int:
-        """Add the stages ``layer1``... and their feature_info; returns the last stage's channels.
-
-        A stage chosen by ``attn_stages`` gets a GSoP block (with ``reduce_strides[i]``) in its last block.
-        """
-        block_dpr = torch.linspace(0, drop_path_rate, sum(layers)).tolist()
-        offset = 0
-        for i, (depth, width, stride) in enumerate(zip(layers, widths, strides)):
-            reduction *= stride
-            attn_layer = None
-            if attn_mode is not None and attn_stages[i]:
-                attn_layer = partial(
-                    GSoPAttn, attn_mode=attn_mode, attn_dim=attn_dim, reduce_stride=reduce_strides[i],
-                    act_layer=act_layer, norm_layer=norm_layer)
-            stage, inplanes = make_stage(
-                inplanes, width, depth, stride, attn_layer, block_dpr[offset:offset + depth],
-                act_layer=act_layer, norm_layer=norm_layer)
-            offset += depth
-            self.add_module(f'layer{i + 1}', stage)
-            self.feature_info.append(dict(num_chs=inplanes, reduction=reduction, module=f'layer{i + 1}'))
-        return inplanes
-
-    def _create_head(self, global_pool: str, num_classes: int) -> Tuple[nn.Module, nn.Module]:
-        if global_pool == 'isqrt':
-            pool = IsqrtCovPool(self.num_features, cov_dim=self.cov_dim, num_iter=self.sqrt_iters)
-            self.head_hidden_size = pool.out_features
-            fc = nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
-            return pool, fc
-        pool, fc = create_classifier(self.num_features, num_classes, pool_type=global_pool)
-        self.head_hidden_size = self.num_features * pool.feat_mult()
-        return pool, fc
+        self.num_features = stage_info[-1]['num_chs']
+        self.init_head(global_pool, **dd)
+        self.init_weights(zero_init_last=zero_init_last)
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
         return dict(stem=r'^conv1|bn1|maxpool', blocks=r'^layer(\d+)' if coarse else r'^layer(\d+)\.(\d+)')
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self, name_only: bool = False) -> Union[str, nn.Module]:
-        return 'fc' if name_only else self.fc
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        """New classifier; an iSQRT-COV pool keeps its trained weights unless ``global_pool`` changes it."""
-        self.num_classes = num_classes
-        if global_pool is None or global_pool == self.global_pool.pool_type:
-            if isinstance(self.global_pool, IsqrtCovPool):
-                self.fc = nn.Linear(self.head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
-                return
-            global_pool = self.global_pool.pool_type
-        self.global_pool, self.fc = self._create_head(global_pool, num_classes)
 
     def forward_intermediates(
             self,
@@ -337,12 +237,6 @@ class GSoPResNet(nn.Module):
             x = self.layer4(x)
         return x
 
-    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        x = self.global_pool(x)
-        if self.drop_rate:
-            x = F.dropout(x, p=float(self.drop_rate), training=self.training)
-        return x if pre_logits else self.fc(x)
-
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))
 
@@ -373,29 +267,33 @@ default_cfgs = generate_default_cfgs({
     'gsop2_resnet101': _cfg(),
 })
 
-_NET1 = dict(attn_stages=(True, True, True, True), global_pool='avg')
-_NET2 = dict(attn_stages=(True, True, True, False), global_pool='isqrt')
+_NET1 = dict(attn_stages=(True, True, True, True), global_pool='avg')  # a GSoP block in every stage
+_NET2 = dict(attn_stages=(True, True, True, False), global_pool='isqrt')  # the head replaces stage 4's
 
 
 @register_model
 def gsop_resnet50(pretrained: bool = False, **kwargs) -> GSoPResNet:
     """GSoP-Net1 ResNet-50: a GSoP block in every stage, average pooling (28.29M parameters)."""
-    return _create_gsop_resnet('gsop_resnet50', pretrained, **dict(dict(layers=(3, 4, 6, 3), **_NET1), **kwargs))
+    model_args = dict(layers=(3, 4, 6, 3), **_NET1)
+    return _create_gsop_resnet('gsop_resnet50', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def gsop_resnet101(pretrained: bool = False, **kwargs) -> GSoPResNet:
     """GSoP-Net1 ResNet-101: a GSoP block in every stage, average pooling."""
-    return _create_gsop_resnet('gsop_resnet101', pretrained, **dict(dict(layers=(3, 4, 23, 3), **_NET1), **kwargs))
+    model_args = dict(layers=(3, 4, 23, 3), **_NET1)
+    return _create_gsop_resnet('gsop_resnet101', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def gsop2_resnet50(pretrained: bool = False, **kwargs) -> GSoPResNet:
     """GSoP-Net2 ResNet-50: GSoP blocks in stages 1-3, iSQRT-COV pooling (58.28M parameters)."""
-    return _create_gsop_resnet('gsop2_resnet50', pretrained, **dict(dict(layers=(3, 4, 6, 3), **_NET2), **kwargs))
+    model_args = dict(layers=(3, 4, 6, 3), **_NET2)
+    return _create_gsop_resnet('gsop2_resnet50', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def gsop2_resnet101(pretrained: bool = False, **kwargs) -> GSoPResNet:
     """GSoP-Net2 ResNet-101: GSoP blocks in stages 1-3, iSQRT-COV pooling."""
-    return _create_gsop_resnet('gsop2_resnet101', pretrained, **dict(dict(layers=(3, 4, 23, 3), **_NET2), **kwargs))
+    model_args = dict(layers=(3, 4, 23, 3), **_NET2)
+    return _create_gsop_resnet('gsop2_resnet101', pretrained, **dict(model_args, **kwargs))

@@ -18,17 +18,20 @@ description and the ImageNet design (``gsop_resnet.py``):
 Parameter names follow the ImageNet models (``conv1``, ``layerN``, ``global_pool``, ``fc``) plus
 the final ``norm`` / ``act``.
 """
-from typing import Any, Dict, List, Optional, Tuple, Type, Union
+from functools import partial
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
-from timm.layers import DropPath
+from timm.layers import DropPath, LayerType, get_act_layer, get_norm_layer
 from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
+from ..layers._checks import check_positive_int
+from ._base import GSoPNet, check_input_size, make_blocks
 from ._checkpoint import create_gsop_model
-from .gsop_resnet import GSoPResNet, _cfg, check_input_size
+from .gsop_resnet import _cfg
 
 __all__ = ['GSoPResNetCifar', 'GSoPPreActBottleneck', 'CIFAR100_MEAN', 'CIFAR100_STD']
 
@@ -40,7 +43,8 @@ class GSoPPreActBottleneck(nn.Module):
     """Pre-activation bottleneck with an optional attention layer at the end of the residual branch.
 
     As in the ImageNet block, the attention layer gets the shortcut too (scale and add in one pass)
-    unless stochastic depth has to drop the branch between the two.
+    unless stochastic depth has to drop the branch between the two. The projection shortcut
+    (``downsample``, a bare 1x1 conv) takes the pre-activated input.
     """
     expansion = 4
 
@@ -49,26 +53,28 @@ class GSoPPreActBottleneck(nn.Module):
             inplanes: int,
             planes: int,
             stride: int = 1,
-            attn_layer: Optional[Any] = None,
-            act_layer: Type[nn.Module] = nn.ReLU,
-            norm_layer: Type[nn.Module] = nn.BatchNorm2d,
+            downsample: Optional[nn.Module] = None,
+            attn_layer: Optional[Callable[..., nn.Module]] = None,
+            act_layer: Callable[..., nn.Module] = nn.ReLU,
+            norm_layer: Callable[..., nn.Module] = nn.BatchNorm2d,
             drop_path: float = 0.,
+            device=None,
+            dtype=None,
     ):
+        dd = {'device': device, 'dtype': dtype}
         super().__init__()
         outplanes = planes * self.expansion
-        self.bn1 = norm_layer(inplanes)
+        self.bn1 = norm_layer(inplanes, **dd)
         self.act1 = act_layer(inplace=True)
-        self.conv1 = nn.Conv2d(inplanes, planes, kernel_size=1, bias=False)
-        self.bn2 = norm_layer(planes)
+        self.conv1 = nn.Conv2d(inplanes, planes, kernel_size=1, bias=False, **dd)
+        self.bn2 = norm_layer(planes, **dd)
         self.act2 = act_layer(inplace=True)
-        self.conv2 = nn.Conv2d(planes, planes, kernel_size=3, stride=stride, padding=1, bias=False)
-        self.bn3 = norm_layer(planes)
+        self.conv2 = nn.Conv2d(planes, planes, kernel_size=3, stride=stride, padding=1, bias=False, **dd)
+        self.bn3 = norm_layer(planes, **dd)
         self.act3 = act_layer(inplace=True)
-        self.conv3 = nn.Conv2d(planes, outplanes, kernel_size=1, bias=False)
-        self.attn = attn_layer(outplanes) if attn_layer is not None else None
-        self.downsample = None
-        if stride != 1 or inplanes != outplanes:
-            self.downsample = nn.Conv2d(inplanes, outplanes, kernel_size=1, stride=stride, bias=False)
+        self.conv3 = nn.Conv2d(planes, outplanes, kernel_size=1, bias=False, **dd)
+        self.attn = attn_layer(outplanes, **dd) if attn_layer is not None else None
+        self.downsample = downsample
         self.drop_path = DropPath(drop_path) if drop_path > 0. else None
 
     def zero_init_last(self) -> None:
@@ -80,40 +86,16 @@ class GSoPPreActBottleneck(nn.Module):
         x = self.conv1(x_preact)
         x = self.conv2(self.act2(self.bn2(x)))
         x = self.conv3(self.act3(self.bn3(x)))
+        if self.attn is not None and self.drop_path is None:
+            return self.attn(x, shortcut)
         if self.attn is not None:
-            if self.drop_path is None:
-                return self.attn(x, shortcut)
             x = self.attn(x)
         if self.drop_path is not None:
             x = self.drop_path(x)
         return x + shortcut
 
 
-def _make_stage(
-        inplanes: int,
-        planes: int,
-        depth: int,
-        stride: int,
-        attn_layer: Optional[Any],
-        drop_path_rates: List[float],
-        **block_kwargs,
-) -> Tuple[nn.Sequential, int]:
-    outplanes = planes * GSoPPreActBottleneck.expansion
-    blocks = [
-        GSoPPreActBottleneck(
-            inplanes if i == 0 else outplanes,
-            planes,
-            stride=stride if i == 0 else 1,
-            attn_layer=attn_layer if i == depth - 1 else None,  # GSoP only in a stage's last block
-            drop_path=drop_path_rates[i],
-            **block_kwargs,
-        )
-        for i in range(depth)
-    ]
-    return nn.Sequential(*blocks), outplanes
-
-
-class GSoPResNetCifar(nn.Module):
+class GSoPResNetCifar(GSoPNet):
     """GSoP-Net on a pre-activation bottleneck ResNet for 32x32 images (ResNet-164 by default).
 
     Choice of ``attn_dim`` (64) and the Net2 ``cov_dim`` (64); the paper gives neither for CIFAR:
@@ -151,61 +133,69 @@ class GSoPResNetCifar(nn.Module):
         stem_chs: channels of the stem conv (16).
     """
 
+    default_attn_dim = 64
+    default_cov_dim = 64
+
     def __init__(
             self,
             layers: Tuple[int, ...] = (18, 18, 18),
             num_classes: int = 100,
             in_chans: int = 3,
             attn_mode: Optional[str] = 'channel',
-            attn_dim: int = 64,
+            attn_dim: Optional[int] = None,
             attn_stages: Tuple[bool, ...] = (True, True, True),
             global_pool: str = 'avg',
-            cov_dim: int = 64,
-            sqrt_iters: int = 3,
+            cov_dim: Optional[int] = None,
+            sqrt_iters: Optional[int] = None,
             drop_rate: float = 0.,
             drop_path_rate: float = 0.,
             zero_init_last: bool = False,
             min_input_size: int = 32,
             stem_chs: int = 16,
-            act_layer: Type[nn.Module] = nn.ReLU,
-            norm_layer: Type[nn.Module] = nn.BatchNorm2d,
+            act_layer: LayerType = nn.ReLU,
+            norm_layer: LayerType = nn.BatchNorm2d,
+            device=None,
+            dtype=None,
     ):
-        super().__init__()
-        attn_mode = self._init_common(
-            3, layers, attn_mode, attn_dim, attn_stages, num_classes, drop_rate, cov_dim, sqrt_iters, min_input_size)
+        dd = {'device': device, 'dtype': dtype}
+        super().__init__(
+            num_stages=3, layers=layers, num_classes=num_classes, in_chans=in_chans, attn_mode=attn_mode,
+            attn_dim=attn_dim, attn_stages=attn_stages, global_pool=global_pool, cov_dim=cov_dim,
+            sqrt_iters=sqrt_iters, drop_rate=drop_rate, drop_path_rate=drop_path_rate,
+            zero_init_last=zero_init_last, min_input_size=min_input_size)
+        check_positive_int('stem_chs', stem_chs)
+        act_layer = get_act_layer(act_layer)
+        norm_layer = get_norm_layer(norm_layer)
 
         # Pre-activation: the stem is a bare conv, the first block's BN-ReLU follows it.
-        self.conv1 = nn.Conv2d(in_chans, stem_chs, kernel_size=3, stride=1, padding=1, bias=False)
+        self.conv1 = nn.Conv2d(in_chans, stem_chs, kernel_size=3, stride=1, padding=1, bias=False, **dd)
         self.feature_info = [dict(num_chs=stem_chs, reduction=1, module='conv1')]
-        # The GSoP blocks' reduction conv has stride 1 everywhere: the maps are at most 32x32.
-        inplanes = self._add_stages(
-            _make_stage, stem_chs, 1, layers, (16, 32, 64), (1, 2, 2), (1, 1, 1),
-            attn_mode, attn_dim, attn_stages, drop_path_rate, act_layer, norm_layer)
+        stages, stage_info = make_blocks(
+            block_fn=GSoPPreActBottleneck,
+            channels=(16, 32, 64),
+            block_repeats=layers,
+            strides=(1, 2, 2),
+            inplanes=stem_chs,
+            reduction=1,
+            downsample_layer=partial(nn.Conv2d, kernel_size=1, bias=False),
+            # The GSoP blocks' reduction conv has stride 1 everywhere: the maps are at most 32x32.
+            attn_layers=self.attn_layers(attn_stages, (1, 1, 1), act_layer=act_layer, norm_layer=norm_layer),
+            drop_path_rate=drop_path_rate,
+            act_layer=act_layer,
+            norm_layer=norm_layer,
+            **dd,
+        )
+        for stage in stages:
+            self.add_module(*stage)
+        self.feature_info.extend(stage_info)
         # The last feature is the normalised one that the head sees (as timm's ResNetV2).
         self.feature_info[-1]['module'] = 'act'
 
-        self.norm = norm_layer(inplanes)
+        self.num_features = stage_info[-1]['num_chs']
+        self.norm = norm_layer(self.num_features, **dd)
         self.act = act_layer(inplace=True)
-        self.num_features = inplanes
-        self.global_pool, self.fc = self._create_head(global_pool, num_classes)
-
-        for m in self.modules():  # BatchNorm2d already starts at weight 1, bias 0
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
-        if zero_init_last:
-            for m in self.modules():
-                if isinstance(m, GSoPPreActBottleneck):
-                    m.zero_init_last()
-
-    # The constructor's common part, the head and the classifier logic are the ImageNet models' (avg
-    # or iSQRT-COV pool + Linear; a reset keeps a trained iSQRT-COV pool): shared, not copied.
-    _init_common = GSoPResNet._init_common
-    _add_stages = GSoPResNet._add_stages
-    _create_head = GSoPResNet._create_head
-    get_classifier = GSoPResNet.get_classifier
-    reset_classifier = GSoPResNet.reset_classifier
-    set_grad_checkpointing = GSoPResNet.set_grad_checkpointing
-    forward_head = GSoPResNet.forward_head
+        self.init_head(global_pool, **dd)
+        self.init_weights(zero_init_last=zero_init_last)
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
