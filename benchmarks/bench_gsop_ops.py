@@ -113,8 +113,8 @@ def _row_conv(conv: nn.Conv2d, mats: Tensor) -> Tensor:
     return F.conv2d(mats, conv.weight, conv.bias, groups=conv.groups)
 
 
-def naive_channel_gate(g, x: Tensor) -> Tensor:
-    z = g.act(g.bn_reduce(F.conv2d(F.relu(x), g.conv_reduce.weight, g.conv_reduce.bias, stride=g.reduce_stride)))
+def naive_channel_gate(g, x: Tensor, stride: int = 1) -> Tensor:
+    z = g.act(g.bn_reduce(F.conv2d(F.relu(x), g.conv_reduce.weight, g.conv_reduce.bias, stride=stride)))
     cov = naive_covariance(z).unsqueeze(-1)
     v = _row_conv(g.row_conv, g.row_bn(cov))
     return torch.sigmoid(F.conv2d(v, g.fc.weight, g.fc.bias))
@@ -132,7 +132,7 @@ def naive_position_gate(g, x: Tensor) -> Tensor:
 
 def naive_attn(mod: GSoPAttn, x: Tensor, shortcut: Optional[Tensor] = None) -> Tensor:
     """What ``mod(x, shortcut)`` computes, the naive way (same parameters)."""
-    ch = naive_channel_gate(mod.channel_gate, x) if mod.channel_gate is not None else None
+    ch = naive_channel_gate(mod.channel_gate, x, mod.reduce_stride) if mod.channel_gate is not None else None
     pos = naive_position_gate(mod.position_gate, x) if mod.position_gate is not None else None
     if pos is None:
         out = x * ch

@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from torch.autograd import gradcheck, gradgradcheck
 
 import timm
+from timm_gsop.layers.gate_ops import relu_copy, scale_add
 from timm_gsop.layers import (
     ATTN_MODES, GSoPAttn, IsqrtCovPool, covariance, position_covariance, sqrtm_newton_schulz, triu_indices, triu_vec)
 
@@ -166,31 +167,68 @@ def test_fused_shortcut_equals_separate_add(mode):
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize('channels_last', [False, True])
+@pytest.mark.parametrize('with_shortcut', [False, True])
+def test_scale_add_gradients(channels_last, with_shortcut):
+    # The gate product has its own backward (a dot product per channel, or a product and a sum where
+    # the map is not NCHW-contiguous): first and second derivatives against finite differences.
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64).contiguous(memory_format=fmt).requires_grad_()
+    gate = torch.rand(2, 3, 1, 1, dtype=torch.float64, requires_grad=True)
+    args = (x, gate)
+    if with_shortcut:
+        args += (torch.randn(2, 3, 4, 5, dtype=torch.float64).contiguous(memory_format=fmt).requires_grad_(),)
+    assert gradcheck(scale_add, args)
+    assert gradgradcheck(scale_add, args)
+
+
+@pytest.mark.parametrize('stride', [1, 2, 3])
+@pytest.mark.parametrize('channels_last', [False, True])
+def test_relu_copy_gradients(stride, channels_last):
+    # Both outputs' gradients reach the map in one backward (in place into the product's gradient, or
+    # out of place under create_graph): against finite differences, first and second order.
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(2, 3, 7, 5, dtype=torch.float64).contiguous(memory_format=fmt).requires_grad_()
+    gate = torch.rand(2, 3, 1, 1, dtype=torch.float64)
+
+    def block(t):
+        t, rectified = relu_copy(t, stride)
+        return scale_add(t, gate), rectified.sin()  # the map feeds a product, as in GSoPAttn
+
+    assert gradcheck(block, (x,))
+    assert gradgradcheck(block, (x,))
+    scaled, rectified = block(x)
+    (scaled.square().sum() + rectified.sum()).backward()
+    ref = x.detach().clone().requires_grad_()
+    sub = F.relu(ref[:, :, ::stride, ::stride])
+    ((ref * gate).square().sum() + sub.sin().sum()).backward()
+    torch.testing.assert_close(x.grad, ref.grad, rtol=1e-12, atol=1e-12)
+
+
 def test_channel_and_position_gates_scale_as_defined():
     attn = GSoPAttn(64, attn_mode='channel', attn_dim=16).eval()
     x = torch.randn(2, 64, 9, 9)
     with torch.no_grad():
-        gate = attn.channel_gate(x)
+        gate = attn.channel_gate(F.relu(x))  # a gate reads the block's ReLU copy
         assert gate.shape == (2, 64, 1, 1) and (gate > 0).all() and (gate < 1).all()
         torch.testing.assert_close(attn(x), x * gate)
     attn = GSoPAttn(64, attn_mode='position', attn_dim=16).eval()
     with torch.no_grad():
-        gate = attn.position_gate(x)
+        gate = attn.position_gate(F.relu(x))
         assert gate.shape == (2, 1, 9, 9)
         torch.testing.assert_close(attn(x), F.relu(x * gate))
 
 
 def test_strided_reduction_equals_the_official_stride_2_conv():
-    # Stage 1 reduces with a stride-2 1x1 conv; the gate takes every second pixel before its ReLU copy
-    # and runs the conv at stride 1: the same reduced map, from a quarter of the copy.
+    # Stage 1 reduces with a stride-2 1x1 conv; the block takes every second pixel for its ReLU copy
+    # and the gate runs the conv at stride 1: the same reduced map, from a quarter of the copy.
     attn = GSoPAttn(32, attn_dim=8, reduce_stride=2).double().eval()
-    gate = attn.channel_gate
     x = torch.randn(2, 32, 11, 10, dtype=torch.float64)
-    conv = gate.conv_reduce
+    conv = attn.channel_gate.conv_reduce
     official = F.conv2d(F.relu(x), conv.weight, conv.bias, stride=2)
     seen = []
     conv.register_forward_hook(lambda mod, args, out: seen.append(out))
-    gate(x)
+    attn(x)
     assert seen[0].shape == official.shape == (2, 8, 6, 5)
     torch.testing.assert_close(seen[0], official, rtol=1e-12, atol=1e-12)
 

@@ -41,8 +41,8 @@ def test_gsop_blocks_sit_in_last_bottleneck_of_each_stage():
         model = timm.create_model(name, attn_dim=8)
         where = [n for n, m in model.named_modules() if isinstance(m, GSoPAttn)]
         assert where == ['layer1.2.attn', 'layer2.3.attn', 'layer3.5.attn', 'layer4.2.attn'][:stages]
-        assert model.layer1[2].attn.channel_gate.reduce_stride == 2  # stage 1 (planes 64), as in the official code
-        assert model.layer2[3].attn.channel_gate.reduce_stride == 1
+        assert model.layer1[2].attn.reduce_stride == 2  # stage 1 (planes 64), as in the official code
+        assert model.layer2[3].attn.reduce_stride == 1
     net2 = timm.create_model(NET2, attn_dim=8)
     assert isinstance(net2.global_pool, IsqrtCovPool) and net2.global_pool.out_features == 32896
     assert net2.global_pool.cov_dim == 256 and net2.global_pool.num_iter == 3
@@ -234,11 +234,20 @@ def test_fx_equals_eager_forward_and_backward(name, mode):
 def test_gsop_block_compiles_without_graph_breaks(mode):
     import torch._dynamo
     torch._dynamo.reset()
-    attn = GSoPAttn(256, attn_mode=mode, attn_dim=32).eval()
+    attn = GSoPAttn(256, attn_mode=mode, attn_dim=32, reduce_stride=2).eval()
     x, shortcut = torch.randn(2, 256, 14, 14), torch.randn(2, 256, 14, 14)
     compiled = torch.compile(attn, backend='aot_eager', fullgraph=True)  # fullgraph: a break is an error
     with torch.no_grad():
         torch.testing.assert_close(compiled(x, shortcut), attn(x, shortcut))
+    # Training, channels_last: the compiled backward (the block's own autograd Functions) equals eager.
+    attn.train()
+    x = x.to(memory_format=torch.channels_last).requires_grad_()
+    shortcut.requires_grad_()
+    leaves = (x, shortcut, *attn.parameters())
+    grads = [torch.autograd.grad(f(x, shortcut).square().sum(), leaves) for f in (compiled, attn)]
+    for got, ref in zip(*grads):
+        # A conv bias before a train-mode BN has a zero gradient up to rounding: compare at the grads' scale.
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5 * max(g.abs().max().item() for g in grads[1]))
 
 
 def test_whole_model_compiles_without_graph_breaks():

@@ -2,7 +2,7 @@
 
 Both functions take a feature map (B, C, *spatial) and never build the M x M centring matrix
 of the textbook form: they centre by subtracting a mean (or an outer product of sums), so cost and
-memory stay at one (C x M) @ (M x C) product. They compute in float32 whatever the input's
+memory stay at one (C x M) @ (M x C) product (and, for ``covariance``, one product backward). They compute in float32 whatever the input's
 precision (float64 stays float64) and return that: a covariance in bf16/fp16 loses the small
 differences it is made of, and under autocast the layers after it run in float32 too.
 """
@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from timm.layers import register_notrace_function
 
-__all__ = ['covariance', 'position_covariance', 'no_autocast', 'second_order_dtype']
+__all__ = ['covariance', 'position_covariance', 'no_autocast', 'second_order_dtype', 'scaled_bmm']
 
 
 def second_order_dtype(x: Tensor) -> torch.dtype:
@@ -28,35 +28,52 @@ def no_autocast(x: Tensor):
     return contextlib.nullcontext()
 
 
-class _Gram(torch.autograd.Function):
-    """X X^T of (B, C, M) matrices, with a backward of one matrix product.
+def scaled_bmm(a: Tensor, b: Tensor, alpha: float) -> Tensor:
+    """``alpha * (a @ b)`` for batches of matrices, scaled in the product's own kernel.
 
-    The adjoint of X X^T is (G + G^T) X. Autograd's bmm backward computes G X and G^T X as two
-    products and adds them; here the small (C x C) sum comes first. The backward is made of
-    differentiable ops on the saved input, so double backward works.
+    ``baddbmm`` with ``beta=0`` ignores its ``input`` (nothing is read, NaN or not): an empty 0-d
+    tensor stands in for it, so there is no separate pass over the result to scale it.
+    """
+    return torch.baddbmm(a.new_empty(()), a, b, beta=0., alpha=alpha)
+
+
+class _Covariance(torch.autograd.Function):
+    """Covariance of (B, C, M) rows over M, in ``dtype``; its backward is one matrix product.
+
+    With Xc the centred input and G the incoming gradient, the gradient with respect to Xc is
+    (1/M) (G + G^T) Xc. Its rows sum to zero because Xc's do, so the centring's adjoint (subtract
+    each row's mean) leaves it unchanged: it is the gradient with respect to X as well, and the
+    mean needs no backward pass of its own. Autograd through ``x - mean`` and a bmm would spend
+    two products, the mean's reduction and broadcast, and two casts on it.
+
+    The centred input is kept for the backward. Under ``create_graph`` the backward recomputes it
+    from the saved input, so second derivatives see the centring too.
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:
-        ctx.save_for_backward(x)
-        return torch.bmm(x, x.transpose(1, 2))
+    def forward(ctx, x: Tensor, dtype: torch.dtype) -> Tensor:
+        # The mean is accumulated in ``dtype`` and the subtraction promotes to it: the centred map is
+        # the only copy of the input in ``dtype``.
+        xc = x - x.mean(dim=2, keepdim=True, dtype=dtype)
+        ctx.save_for_backward(x, xc)
+        return scaled_bmm(xc, xc.transpose(1, 2), 1. / x.shape[2])
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:
-        x, = ctx.saved_tensors
-        return torch.bmm(grad + grad.transpose(1, 2), x)
+    def backward(ctx, grad: Tensor):
+        x, xc = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: differentiate through the centring as well
+            xc = x - x.mean(dim=2, keepdim=True, dtype=xc.dtype)
+        grad_x = scaled_bmm(grad + grad.transpose(1, 2), xc, 1. / x.shape[2])
+        return grad_x.to(x.dtype), None
 
 
 def _covariance(x: Tensor) -> Tensor:
     x = x.flatten(2)
-    # The mean is accumulated in float32 and the subtraction promotes to it: the centred map is the
-    # one float32 copy of the input.
-    x = x - x.mean(dim=2, keepdim=True, dtype=second_order_dtype(x))
-    if torch.jit.is_scripting():
-        gram = torch.bmm(x, x.transpose(1, 2))  # TorchScript cannot call an autograd.Function
-    else:
-        gram = _Gram.apply(x)
-    return gram.div_(x.shape[2])
+    dtype = second_order_dtype(x)
+    if torch.jit.is_scripting():  # TorchScript cannot call an autograd.Function
+        x = x - x.mean(dim=2, keepdim=True, dtype=dtype)
+        return torch.bmm(x, x.transpose(1, 2)).div_(x.shape[2])
+    return _Covariance.apply(x, dtype)
 
 
 @register_notrace_function

@@ -15,6 +15,7 @@ from timm.layers import LayerType, create_act_layer, get_norm_layer, register_no
 
 from ._checks import check_positive_int
 from .covariance import covariance, no_autocast, position_covariance
+from .gate_ops import relu_copy, scale_add
 
 __all__ = ['GSoPAttn', 'GSoPChannelGate', 'GSoPPositionGate', 'ATTN_MODES', 'resolve_attn_mode']
 
@@ -35,16 +36,16 @@ def resolve_attn_mode(attn_mode: Optional[str]) -> Optional[str]:
 
 @register_notrace_module  # fx keeps the gate whole, so its float32 part stays free of autocast
 class GSoPChannelGate(nn.Module):
-    """Per-channel gate (B, C, 1, 1) from the (attn_dim x attn_dim) covariance of a reduced copy.
+    """Per-channel gate (B, C, 1, 1) from the (attn_dim x attn_dim) covariance of a reduced map.
 
-    ReLU copy -> 1x1 conv to ``attn_dim`` -> norm -> act -> covariance -> norm of its rows -> row-wise
-    conv (4 filters a row) -> 1x1 conv to C -> sigmoid. From the covariance on, the gate computes in
-    float32 (autocast off): the matrices are small, and no cast of a weight is needed.
+    Takes the block's ReLU copy (``GSoPAttn`` makes it): 1x1 conv to ``attn_dim`` -> norm -> act ->
+    covariance -> norm of its rows -> row-wise conv (4 filters a row) -> 1x1 conv to C -> sigmoid. From
+    the covariance on, the gate computes in float32 (autocast off): the matrices are small, and no
+    cast of a weight is needed. The gate comes back in the input's dtype.
 
     Args:
         channels: channels of the input map (and of the gate).
-        attn_dim: channels of the reduced copy, the covariance size (128).
-        reduce_stride: stride of the 1x1 reduction (2 in ResNet's first stage, as in the official code).
+        attn_dim: channels of the reduced map, the covariance size (128).
         act_layer, norm_layer: classes or timm's names ('relu', 'batchnorm').
     """
 
@@ -52,7 +53,6 @@ class GSoPChannelGate(nn.Module):
             self,
             channels: int,
             attn_dim: int = 128,
-            reduce_stride: int = 1,
             act_layer: LayerType = nn.ReLU,
             norm_layer: LayerType = nn.BatchNorm2d,
             device=None,
@@ -61,9 +61,6 @@ class GSoPChannelGate(nn.Module):
         dd = {'device': device, 'dtype': dtype}
         super().__init__()
         norm_layer = get_norm_layer(norm_layer)
-        # A 1x1 conv of stride s reads one pixel in s^2: forward takes those pixels before the ReLU
-        # copy, so the copy (and its gradient) is 1/s^2 of the map, and the conv has stride 1.
-        self.reduce_stride = reduce_stride
         self.conv_reduce = nn.Conv2d(channels, attn_dim, kernel_size=1, bias=True, **dd)
         self.bn_reduce = norm_layer(attn_dim, **dd)
         self.act = create_act_layer(act_layer, inplace=True)
@@ -81,9 +78,7 @@ class GSoPChannelGate(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         dtype = x.dtype
-        if self.reduce_stride > 1:
-            x = x[:, :, ::self.reduce_stride, ::self.reduce_stride]
-        x = self.act(self.bn_reduce(self.conv_reduce(F.relu(x))))
+        x = self.act(self.bn_reduce(self.conv_reduce(x)))
         if torch.jit.is_scripting():
             return self._gate(x, dtype)
         with no_autocast(x):
@@ -94,9 +89,10 @@ class GSoPChannelGate(nn.Module):
 class GSoPPositionGate(nn.Module):
     """Per-position gate (B, 1, H, W) from the covariance of a (pool_size x pool_size) pooled map.
 
-    ReLU copy -> 1x1 conv to ``attn_dim`` -> norm -> average pool to pool_size x pool_size -> position
-    covariance (P x P, P = pool_size^2) -> norm of its rows -> row-wise conv -> act -> 1x1 conv to P ->
-    sigmoid, enlarged back to H x W. From the covariance on, in float32 as in the channel gate.
+    Takes the block's ReLU copy: 1x1 conv to ``attn_dim`` -> norm -> average pool to pool_size x
+    pool_size -> position covariance (P x P, P = pool_size^2) -> norm of its rows -> row-wise conv ->
+    act -> 1x1 conv to P -> sigmoid, enlarged back to H x W. From the covariance on, in float32 as in
+    the channel gate.
     """
 
     def __init__(
@@ -130,7 +126,7 @@ class GSoPPositionGate(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         out_size = (x.shape[-2], x.shape[-1])
         dtype = x.dtype
-        x = self.bn_reduce(self.conv_reduce(F.relu(x)))  # no activation here in the official block
+        x = self.bn_reduce(self.conv_reduce(x))  # no activation here in the official block
         x = F.adaptive_avg_pool2d(x, self.pool_size)
         if torch.jit.is_scripting():
             gate = self._gate(x, dtype)
@@ -158,7 +154,9 @@ class GSoPAttn(nn.Module):
             'fusion_avg' / 'fusion_max' / 'fusion_concat' combine both (sum, max, or two (k x 1)
             grouped convs + BN), as the official code defines them.
         attn_dim: channels of the reduced copy, the covariance size in channel mode (128).
-        reduce_stride: stride of the channel-mode reduction conv (2 in ResNet's first stage).
+        reduce_stride: stride of the channel gate's 1x1 reduction (2 in ResNet's first stage, as in the
+            official code). A 1x1 conv of stride s reads one pixel in s^2: the block takes those pixels
+            for the gate's ReLU copy, so the copy and its gradient are 1/s^2 of the map.
         pool_size: side of the pooled map in position mode (8: a 64 x 64 covariance).
         act_layer, norm_layer: classes or timm's names ('relu', 'batchnorm').
 
@@ -189,10 +187,11 @@ class GSoPAttn(nn.Module):
             check_positive_int(name, value)
         norm_layer = get_norm_layer(norm_layer)
         self.attn_mode = mode
+        self.reduce_stride = reduce_stride
         use_channel = mode != 'position'
         use_position = mode != 'channel'
         self.channel_gate = GSoPChannelGate(
-            channels, attn_dim, reduce_stride, act_layer=act_layer, norm_layer=norm_layer, **dd) if use_channel else None
+            channels, attn_dim, act_layer=act_layer, norm_layer=norm_layer, **dd) if use_channel else None
         self.position_gate = GSoPPositionGate(
             channels, attn_dim, pool_size, act_layer=act_layer, norm_layer=norm_layer, **dd) if use_position else None
         if mode == 'fusion_concat':
@@ -206,18 +205,19 @@ class GSoPAttn(nn.Module):
             self.fuse_bn = None
 
     def forward(self, x: Tensor, shortcut: Optional[Tensor] = None) -> Tensor:
+        s = self.reduce_stride
         if self.position_gate is None:
             assert self.channel_gate is not None
-            gate = self.channel_gate(x)
-            return x * gate if shortcut is None else torch.addcmul(shortcut, x, gate)
+            x, rectified = relu_copy(x, s)
+            return scale_add(x, self.channel_gate(rectified), shortcut)
 
-        assert self.position_gate is not None
-        by_position = (x * self.position_gate(x)).relu_()  # in place on a fresh product: one map less
+        x, rectified = relu_copy(x)
+        by_position = (x * self.position_gate(rectified)).relu_()  # in place on a fresh product: one map less
         if self.channel_gate is None:
             # Not in place: the ReLU's backward reads its output.
             return by_position if shortcut is None else by_position + shortcut
         else:
-            by_channel = x * self.channel_gate(x)
+            by_channel = scale_add(x, self.channel_gate(rectified[:, :, ::s, ::s]))
             if self.attn_mode == 'fusion_avg':
                 # The official "average" is a plain sum; the next BN/conv absorbs the factor 1/2.
                 out = by_channel + by_position
