@@ -117,6 +117,19 @@ def test_of_two_racing_exports_exactly_one_wins(checkpoint, tmp_path, capsys, mo
     assert out.stat().st_ino == second[0] and not leftovers(out)
 
 
+def test_two_export_processes_to_one_out_dir(checkpoint, tmp_path):
+    """The same, for real: two processes started together; whichever comes second fails, at the start or at the end."""
+    out = tmp_path / 'export'
+    cmd = [sys.executable, '-m', 'timm_gsop', 'export', str(checkpoint), str(out), '--model', 'gsop_resnet50', '-q',
+           '--model-kwargs', 'layers=(1, 1, 1, 1)']
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [(p.wait(timeout=300), p.communicate()[1]) for p in procs]
+    assert sorted(rc for rc, _ in results) == [0, 1], results
+    loser = next(err for rc, err in results if rc == 1)
+    assert 'already exists' in loser or 'appeared while this export ran' in loser
+    assert_publishable(out)
+
+
 def test_without_atomic_rename_the_same_rules_hold(checkpoint, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(folder, '_renameat2', lambda src, dst, flags: False)  # not Linux, or no renameat2
     out = tmp_path / 'export'

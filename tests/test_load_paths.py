@@ -15,7 +15,7 @@ import torch
 import timm
 import timm_gsop  # noqa: F401
 from timm_gsop import cli
-from timm_gsop.models._checkpoint import CheckpointError
+from timm_gsop.models._state_dict import CheckpointError
 
 from export_helpers import fast_card, logits, make_model, write_run  # noqa: F401
 

@@ -27,7 +27,7 @@ import timm
 from huggingface_hub import HfApi
 from timm.data import resolve_data_config, resolve_model_data_config
 
-from ..models._checkpoint import CheckpointError, check_state_dict_fits, inspect_state_dict
+from ..models._state_dict import CheckpointError, check_state_dict_fits, inspect_state_dict
 from .card import OFFICIAL_CODE_URL, model_card
 from .folder import ALLOWED_FILES, StagedFolder
 from .messages import ExportError, Reporter
