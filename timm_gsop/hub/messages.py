@@ -1,7 +1,6 @@
 """What the export says: its error, and its progress and warning lines (on stderr)."""
 import sys
 import time
-from typing import Callable
 
 __all__ = ['ExportError', 'Reporter']
 
@@ -23,5 +22,3 @@ class Reporter:
     def warn(self, msg: str) -> None:
         print(f'{self.prefix}: warning: {msg}', file=sys.stderr, flush=True)
 
-
-ProgressFn = Callable[[str], None]

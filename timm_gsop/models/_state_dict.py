@@ -203,7 +203,7 @@ def _how_to_fit(ckpt: StateDictArch, model: StateDictArch, model_name: str, chec
         cifar = '_cifar' if ckpt.preact else ''
         for candidate in (f'gsop{net}_resnet{ckpt.depth}{cifar}',
                           re.sub(r'^gsop2?_', f'gsop{net}_', model_name)):
-            if _same_structure(candidate, ckpt):
+            if candidate != model_name and _same_structure(candidate, ckpt):
                 name = candidate
                 break
     kwargs: Dict[str, Any] = {}
