@@ -66,12 +66,18 @@ while [[ $# -gt 0 ]]; do
     --recipe|--nproc-per-node|--nnodes|--node-rank|--rdzv-endpoint|--rdzv-backend)
       [[ $# -ge 2 ]] || die "$1 needs a value"
       set -- "$1=$2" "${@:3}" ;;  # handled as --opt=value below
-    --recipe=*) RECIPE="${1#*=}"; shift ;;
-    --nproc-per-node=*) NPROC="${1#*=}"; shift ;;
-    --nnodes=*) NNODES="${1#*=}"; shift ;;
-    --node-rank=*) NODE_RANK="${1#*=}"; shift ;;
-    --rdzv-endpoint=*) RDZV_ENDPOINT="${1#*=}"; shift ;;
-    --rdzv-backend=*) RDZV_BACKEND="${1#*=}"; shift ;;
+    --recipe=*|--nproc-per-node=*|--nnodes=*|--node-rank=*|--rdzv-endpoint=*|--rdzv-backend=*)
+      # An empty value would read as "not given" below: refuse it.
+      [[ -n "${1#*=}" ]] || die "${1%%=*} needs a value, got an empty one"
+      case "$1" in
+        --recipe=*) RECIPE="${1#*=}" ;;
+        --nproc-per-node=*) NPROC="${1#*=}" ;;
+        --nnodes=*) NNODES="${1#*=}" ;;
+        --node-rank=*) NODE_RANK="${1#*=}" ;;
+        --rdzv-endpoint=*) RDZV_ENDPOINT="${1#*=}" ;;
+        --rdzv-backend=*) RDZV_BACKEND="${1#*=}" ;;
+      esac
+      shift ;;
     *) USER_ARGS+=("$1"); shift ;;
   esac
 done

@@ -55,13 +55,16 @@ def test_checkpoint_for_another_architecture_names_the_keys(tmp_path):
         timm.create_model('gsop_resnet50', pretrained=True, pretrained_cfg_overlay=dict(file=str(path), num_classes=10),
                           attn_mode='position', attn_dim=32, num_classes=10)
     msg = str(err.value)
-    assert 'missing keys: layer1.2.attn.position_gate' in msg
-    assert 'unexpected keys: layer1.2.attn.channel_gate' in msg
-    assert 'checkpoint looks like: resnet50, GSoP-Net1, attn_mode=channel, attn_dim=32' in msg
-    with pytest.raises(ValueError, match='shape mismatches: layer1.2.attn.channel_gate.conv_reduce.weight'):
+    assert "checkpoint: layers=(3, 4, 6, 3), attn_mode='channel', attn_dim=32, num_classes=10" in msg
+    assert "model:      layers=(3, 4, 6, 3), attn_mode='position', attn_dim=32" in msg
+    assert "timm.create_model('gsop_resnet50', attn_mode='channel', ...)" in msg
+    assert 'missing keys (' in msg and 'layer1.2.attn.position_gate' in msg
+    assert 'unexpected keys (' in msg and 'layer1.2.attn.channel_gate' in msg
+    with pytest.raises(ValueError, match='shape mismatches .*layer1.2.attn.channel_gate.conv_reduce.weight'):
         timm.create_model('gsop_resnet50', pretrained=True, pretrained_cfg_overlay=dict(file=str(path), num_classes=10),
                           attn_dim=16, num_classes=10)
-    with pytest.raises(ValueError, match=r'(?s)checkpoint looks like: resnet50.*model is: +resnet101'):
+    with pytest.raises(ValueError, match=r"(?s)checkpoint: layers=\(3, 4, 6, 3\).*model: +layers=\(3, 4, 23, 3\)"
+                                         r".*timm.create_model\('gsop_resnet50', \.\.\.\)"):
         timm.create_model('gsop_resnet101', pretrained=True, pretrained_cfg_overlay=dict(file=str(path), num_classes=10),
                           attn_dim=32, num_classes=10)
 

@@ -19,92 +19,43 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
-import yaml
 
 import timm
 import timm_gsop  # noqa: F401  (registers the models)
 from timm_gsop import cli, hub
+from timm_gsop.hub import card, export
 
-sys.path.insert(0, str(Path(__file__).parent))
-from official_reference import official_state_dict, save_official_checkpoint  # noqa: E402
+from export_helpers import FAKE_MACS, assert_publishable, batch, fast_card, logits, make_model, write_run  # noqa: F401
+from official_reference import official_state_dict, save_official_checkpoint
 
 ATTN_DIM = 16
 NUM_CLASSES = 7
-PICKLE_SUFFIXES = ('.bin', '.pth', '.pt', '.pkl', '.pickle', '.tar', '.ckpt')
-
-
-def _input(n: int = 2) -> torch.Tensor:
-    return torch.randn(n, 3, 64, 64, generator=torch.Generator().manual_seed(123))
-
-
-def _make_model(name: str, seed: int, **kwargs) -> torch.nn.Module:
-    """A model with random weights and non-trivial BN statistics (so that buffers matter)."""
-    torch.manual_seed(seed)
-    model = timm.create_model(name, **kwargs)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.normal_(0, 0.1, generator=gen)
-                m.running_var.uniform_(0.5, 1.5, generator=gen)
-                m.weight.uniform_(0.5, 1.5, generator=gen)
-                m.bias.normal_(0, 0.1, generator=gen)
-    return model.eval()
-
-
-def _logits(model: torch.nn.Module) -> torch.Tensor:
-    with torch.no_grad():
-        return model.eval()(_input())
-
-
-def _assert_publishable(folder: Path) -> None:
-    names = {p.name for p in folder.iterdir()}
-    assert {'model.safetensors', 'config.json', 'README.md'} <= names
-    assert names <= set(hub.ALLOWED_FILES), names
-    assert not [n for n in names if n.endswith(PICKLE_SUFFIXES)]
-    assert not [p for p in folder.parent.iterdir() if '.partial-' in p.name or '.old-' in p.name]
-
-
-_REAL_MACS_TESTS = ('test_export_net1_ema_round_trip_and_card', 'test_count_macs_counts_multiply_adds')
-
-
-@pytest.fixture(autouse=True)
-def _fast_card(monkeypatch, request):
-    """Counting MACs at 224 px costs a forward pass; only the tests in _REAL_MACS_TESTS do it."""
-    if request.node.name not in _REAL_MACS_TESTS:
-        monkeypatch.setattr(hub, 'count_macs', lambda model, input_size=(3, 224, 224): 1_234_000_000)
+pytestmark = pytest.mark.usefixtures('fast_card')  # tests that need real MAC counts undo it
 
 
 @pytest.fixture(scope='module')
 def net1_run(tmp_path_factory):
     """A timm train.py output folder: checkpoint (weights + EMA weights + args), args.yaml, summary.csv."""
-    run = tmp_path_factory.mktemp('train') / 'gsop_resnet50-run'
-    run.mkdir()
     kwargs = dict(attn_mode='position', attn_dim=ATTN_DIM, num_classes=NUM_CLASSES)
-    model, ema = _make_model('gsop_resnet50', 1, **kwargs), _make_model('gsop_resnet50', 2, **kwargs)
-    args = argparse.Namespace(
+    model, ema = make_model('gsop_resnet50', 1, **kwargs), make_model('gsop_resnet50', 2, **kwargs)
+    args = dict(
         model='gsop_resnet50', model_kwargs={'attn_mode': 'position', 'attn_dim': ATTN_DIM}, num_classes=NUM_CLASSES,
         epochs=3, batch_size=32, opt='sgd', lr=0.1, momentum=0.9, weight_decay=1e-4, sched='cosine',
-        model_ema=True, data_dir='/home/someone/secret-imagenet', output='/home/someone/out', dataset='')
-    torch.save({
-        'epoch': 1, 'arch': 'gsop_resnet50', 'state_dict': model.state_dict(), 'state_dict_ema': ema.state_dict(),
-        'optimizer': {}, 'args': args, 'metric': 52.5, 'version': 2,
-    }, run / 'model_best.pth.tar')
-    with open(run / 'args.yaml', 'w') as f:
-        yaml.safe_dump(vars(args), f)
-    (run / 'summary.csv').write_text(
-        'epoch,train_loss,eval_loss,eval_top1,eval_top5,lr\n'
-        '0,2.5,2.4,31.25,71.5,0.1\n1,1.9,1.8,52.5,88.75,0.05\n2,1.7,1.9,50.0,87.0,0.01\n')
-    return dict(checkpoint=run / 'model_best.pth.tar', logits=_logits(ema), logits_not_ema=_logits(model))
+        model_ema=True, data_dir='/home/someone/data/imagenet', output='/home/someone/out', dataset='')
+    checkpoint = write_run(
+        tmp_path_factory.mktemp('train') / 'gsop_resnet50-run', model, args, ema=ema, epoch=1, metric=52.5,
+        summary='epoch,train_loss,eval_loss,eval_top1,eval_top5,lr\n'
+                '0,2.5,2.4,31.25,71.5,0.1\n1,1.9,1.8,52.5,88.75,0.05\n2,1.7,1.9,50.0,87.0,0.01\n')
+    return dict(checkpoint=checkpoint, logits=logits(ema), logits_not_ema=logits(model))
 
 
 @pytest.fixture(scope='module')
 def net2_checkpoint(tmp_path_factory):
     """gsop2_resnet50 (fusion_concat) weights in a bare {'state_dict'} checkpoint (no args, no EMA)."""
     root = tmp_path_factory.mktemp('net2')
-    model = _make_model('gsop2_resnet50', 3, attn_mode='fusion_concat', attn_dim=ATTN_DIM, num_classes=NUM_CLASSES)
+    model = make_model('gsop2_resnet50', 3, attn_mode='fusion_concat', attn_dim=ATTN_DIM, num_classes=NUM_CLASSES)
     torch.save({'state_dict': model.state_dict()}, root / 'last.pth.tar')
-    return dict(root=root, checkpoint=root / 'last.pth.tar', logits=_logits(model))
+    return dict(root=root, checkpoint=root / 'last.pth.tar', logits=logits(model))
 
 
 @pytest.fixture(scope='module')
@@ -112,7 +63,7 @@ def net2_export(net2_checkpoint):
     """net2_checkpoint exported with explicit --model-kwargs."""
     root = net2_checkpoint['root']
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(hub, 'count_macs', lambda model, input_size=(3, 224, 224): 1_234_000_000)
+        mp.setattr(card, 'measure', lambda model, input_size: (FAKE_MACS, (2048, 14, 14)))
         rc = cli.main([
             'export', str(net2_checkpoint['checkpoint']), str(root / 'export'), '--model', 'gsop2_resnet50', '-q',
             '--model-kwargs', 'attn_mode=fusion_concat', f'attn_dim={ATTN_DIM}', f'num_classes={NUM_CLASSES}'])
@@ -124,14 +75,15 @@ def net2_export(net2_checkpoint):
 # export round trips
 # --------------------------------------------------------------------------------------------------
 
-def test_export_net1_ema_round_trip_and_card(net1_run, tmp_path, capsys):
+def test_export_net1_ema_round_trip_and_card(net1_run, tmp_path, capsys, monkeypatch):
+    monkeypatch.undo()  # real MAC count
     out = tmp_path / 'gsop_resnet50.position_in7'
     rc = cli.main(['export', str(net1_run['checkpoint']), str(out), '--model', 'gsop_resnet50'])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     assert captured.out.strip() == str(out)
     assert 'state_dict_ema' in captured.err and 'counting multiply-accumulates' in captured.err  # progress
-    _assert_publishable(out)
+    assert_publishable(out)
 
     config = json.loads((out / 'config.json').read_text())
     assert config['architecture'] == 'gsop_resnet50'
@@ -139,56 +91,67 @@ def test_export_net1_ema_round_trip_and_card(net1_run, tmp_path, capsys):
     assert config['model_args'] == {
         'attn_mode': 'position', 'attn_dim': ATTN_DIM, 'num_classes': NUM_CLASSES, 'global_pool': 'avg', 'in_chans': 3}
     pcfg = config['pretrained_cfg']
+    # the run set no input size: the model's defaults, which train.py validated with
     assert pcfg['num_classes'] == NUM_CLASSES and tuple(pcfg['input_size']) == (3, 224, 224)
     assert pcfg['crop_pct'] == 0.875 and len(pcfg['mean']) == 3 and len(pcfg['std']) == 3
+    assert 'license' not in pcfg and 'label_names' not in config  # none given; the run's folder is not here
 
     # the folder alone rebuilds the model; EMA weights were exported, not the raw ones
     loaded = timm.create_model(f'local-dir:{out}', pretrained=True)
     assert loaded.attn_mode == 'position' and loaded.num_classes == NUM_CLASSES
-    logits = _logits(loaded)
-    torch.testing.assert_close(logits, net1_run['logits'], rtol=0, atol=0)
-    assert not torch.allclose(logits, net1_run['logits_not_ema'], atol=1e-3)
+    got = logits(loaded)
+    torch.testing.assert_close(got, net1_run['logits'], rtol=0, atol=0)
+    assert not torch.allclose(got, net1_run['logits_not_ema'], atol=1e-3)
     weights = safetensors.torch.load_file(out / 'model.safetensors')
     assert weights['layer1.2.attn.position_gate.conv_reduce.weight'].shape[0] == ATTN_DIM
 
-    card = (out / 'README.md').read_text()
-    assert card.startswith('---\n') and 'library_name: timm' in card
-    assert '# Model card for gsop_resnet50.position_in7' in card
-    assert 'Global Second-order Pooling Convolutional Networks' in card
-    assert 'Gao, Zilin and Xie, Jiangtao and Wang, Qilong and Li, Peihua' in card and 'CVPR' in card
+    readme = (out / 'README.md').read_text()
+    assert readme.startswith('---\n') and 'library_name: timm' in readme and 'license: unknown' in readme
+    assert '# Model card for gsop_resnet50.position_in7' in readme
+    assert 'Global Second-order Pooling Convolutional Networks' in readme
+    assert 'Gao, Zilin and Xie, Jiangtao and Wang, Qilong and Li, Peihua' in readme and 'CVPR' in readme
     n_params = sum(p.numel() for p in loaded.parameters())
-    assert f'**Params (M):** {n_params / 1e6:.2f}' in card
-    assert f'**GMACs (224x224):** {hub.count_macs(loaded) / 1e9:.2f}' in card
-    assert 'EMA weights of epoch 1' in card
-    assert '| lr | 0.1 |' in card and '| sched | cosine |' in card and '| epochs | 3 |' in card
-    assert 'secret-imagenet' not in card and '/home/someone' not in card  # no local paths published
-    assert '| this checkpoint | 1 | 52.50 | 88.75 |' in card
-    assert "timm.create_model('hf-hub:USER/REPO', pretrained=True)" in card and 'import timm_gsop' in card
+    assert f'**Params (M):** {n_params / 1e6:.2f}' in readme
+    assert f'**GMACs (224x224):** {card.measure(loaded, (3, 224, 224))[0] / 1e9:.2f}' in readme
+    assert 'ResNet-50 (3, 4, 6, 3 bottlenecks per stage)' in readme
+    assert '64x64 position covariance of a 8x8 pooled map' in readme and '14x14 at 224x224' in readme
+    assert 'EMA weights of epoch 1' in readme and '**License:** none given' in readme
+    assert '| lr | 0.1 |' in readme and '| sched | cosine |' in readme and '| epochs | 3 |' in readme
+    assert '/home/someone' not in readme  # no local paths published; the data folder by its own name:
+    assert '**Training data:** the image folder `imagenet`' in readme
+    assert '| this checkpoint | 1 | 52.50 | 88.75 |' in readme
+    assert "timm.create_model('hf-hub:USER/REPO', pretrained=True)" in readme and 'import timm_gsop' in readme
     if (out / 'training_curves.png').exists():
         assert (out / 'training_curves.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
-        assert '![Training curves](training_curves.png)' in card
+        assert '![Training curves](training_curves.png)' in readme
     else:
-        assert 'matplotlib is not installed' in card
+        assert 'matplotlib is not installed' in readme
 
 
 def test_export_net2_round_trip(net2_export):
     folder = net2_export['folder']
-    _assert_publishable(folder)
+    assert_publishable(folder)
     config = json.loads((folder / 'config.json').read_text())
     assert config['architecture'] == 'gsop2_resnet50'
     assert config['model_args']['attn_mode'] == 'fusion_concat'
     assert config['model_args']['attn_dim'] == ATTN_DIM and config['model_args']['global_pool'] == 'isqrt'
     loaded = timm.create_model(f'local-dir:{folder}', pretrained=True)
     assert loaded.num_classes == NUM_CLASSES and loaded.fc.in_features == 256 * 257 // 2
-    torch.testing.assert_close(_logits(loaded), net2_export['logits'], rtol=0, atol=0)
-    card = (folder / 'README.md').read_text()
-    assert '**GMACs (224x224):** 1.23' in card and 'GSoP-Net2 on ResNet-50' in card
-    assert '## Training recipe' not in card  # no args.yaml and no stored args: no recipe section
+    torch.testing.assert_close(logits(loaded), net2_export['logits'], rtol=0, atol=0)
+    readme = (folder / 'README.md').read_text()
+    assert '**GMACs (224x224):** 1.23' in readme and 'GSoP-Net2 on a ResNet-50' in readme
+    assert 'GSoP block (attn_mode `fusion_concat`' in readme and 'of stages 1, 2, 3;' in readme
+    assert '1x1 conv 2048->256, 256x256 covariance, 3 Newton-Schulz iterations, upper triangle of 32,896' in readme
+    assert '## Training recipe' not in readme  # no args.yaml and no stored args: no recipe section
 
 
-def test_count_macs_counts_multiply_adds():
-    conv = torch.nn.Conv2d(3, 8, kernel_size=3, padding=1, bias=False)
-    assert hub.count_macs(conv, (3, 224, 224)) == 8 * 3 * 9 * 224 * 224
+def test_measure_counts_multiply_adds_and_the_feature_map(monkeypatch):
+    monkeypatch.undo()
+    model = timm.create_model('gsop_resnet50', layers=(1, 1, 1, 1), attn_dim=16, num_classes=0)
+    macs, features = card.measure(model, (3, 96, 64))
+    assert features == (2048, 6, 4)  # output stride 16
+    stem = 64 * 3 * 49 * 48 * 32  # the 7x7 stride-2 conv alone
+    assert stem < macs < 1e9
 
 
 # --------------------------------------------------------------------------------------------------
@@ -214,11 +177,11 @@ def test_export_official_checkpoint(tmp_path, capsys, name, net, mode, pytorch04
 
     rc = cli.main(['export', str(path), str(out), '--model', name, '-q'] + extra)
     assert rc == 0, capsys.readouterr().err
-    _assert_publishable(out)
+    assert_publishable(out)
     assert 'converted from a checkpoint of the official GSoP code' in (out / 'README.md').read_text()
     config = json.loads((out / 'config.json').read_text())
     assert config['model_args']['attn_mode'] == mode and config['model_args']['attn_dim'] == ATTN_DIM
-    exported = _logits(timm.create_model(f'local-dir:{out}', pretrained=True))
+    exported = logits(timm.create_model(f'local-dir:{out}', pretrained=True))
 
     if pytorch04:
         # The filter path needs the BN step counters; they do not affect eval-mode outputs.
@@ -227,7 +190,7 @@ def test_export_official_checkpoint(tmp_path, capsys, name, net, mode, pytorch04
     reference = timm.create_model(
         name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path), num_classes=NUM_CLASSES),
         attn_mode=mode, attn_dim=ATTN_DIM, num_classes=NUM_CLASSES)
-    torch.testing.assert_close(exported, _logits(reference), rtol=0, atol=0)
+    torch.testing.assert_close(exported, logits(reference), rtol=0, atol=0)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -301,7 +264,7 @@ safetensors.torch.save_file({k: v.contiguous() for k, v in out.items()}, sys.arg
 def _load_in_subprocess(tmp_path: Path, model_name: str, env_extra: dict) -> dict:
     """huggingface_hub reads HF_ENDPOINT / HF_HUB_OFFLINE / HF_HUB_CACHE at import: a fresh interpreter."""
     x_file, out_file = tmp_path / 'x.safetensors', tmp_path / 'logits.safetensors'
-    safetensors.torch.save_file({'x': _input()}, x_file)
+    safetensors.torch.save_file({'x': batch()}, x_file)
     out_file.unlink(missing_ok=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith(('HF_', 'HUGGING_FACE_'))}
     env.update(HF_HUB_DISABLE_TELEMETRY='1', HF_HUB_DISABLE_XET='1', HF_HOME=str(tmp_path / 'hf_home'),
@@ -320,14 +283,14 @@ def test_hf_hub_loading_with_real_client(net2_export, tmp_path):
     thread.start()
     cache = tmp_path / 'hub_cache'
     try:
-        logits = _load_in_subprocess(tmp_path, f'hf-hub:{repo_id}', dict(
+        got = _load_in_subprocess(tmp_path, f'hf-hub:{repo_id}', dict(
             HF_ENDPOINT=f'http://127.0.0.1:{server.server_address[1]}', HF_HUB_CACHE=str(cache)))
     finally:
         server.shutdown()
         server.server_close()
         thread.join(timeout=10)
-    torch.testing.assert_close(logits['online'], net2_export['logits'], rtol=0, atol=0)
-    torch.testing.assert_close(logits['offline'], net2_export['logits'], rtol=0, atol=0)
+    torch.testing.assert_close(got['online'], net2_export['logits'], rtol=0, atol=0)
+    torch.testing.assert_close(got['offline'], net2_export['logits'], rtol=0, atol=0)
     fetched = {path.rsplit('/', 1)[-1] for method, path in log if method == 'GET'}
     assert fetched == {'config.json', 'model.safetensors'}  # no pickle weights asked for
     snapshot = cache / 'models--gsop-test--gsop2_resnet50.demo' / 'snapshots' / _COMMIT
@@ -364,7 +327,7 @@ class _FakeApi:
 def test_push_up_to_the_network(net1_run, monkeypatch, capsys):
     token = 'hf_FAKEtoken1234567890secret'
     monkeypatch.setenv('HF_TOKEN', token)
-    monkeypatch.setattr(hub, 'HfApi', _FakeApi)
+    monkeypatch.setattr(export, 'HfApi', _FakeApi)
     _FakeApi.calls, _FakeApi.uploaded = [], {}
     rc = cli.main(['push', str(net1_run['checkpoint']), 'someone/gsop-r50-demo', '--model', 'gsop_resnet50',
                    '--private', '--revision', 'v1', '--create-pr', '--commit-message', 'Add position-mode weights'])
@@ -401,7 +364,7 @@ def test_push_without_login_stops_before_the_network(net1_run, monkeypatch, tmp_
         monkeypatch.delenv(var, raising=False)
     import huggingface_hub
     monkeypatch.setattr(huggingface_hub, 'get_token', lambda: None)
-    monkeypatch.setattr(hub, 'HfApi', _FakeApi)
+    monkeypatch.setattr(export, 'HfApi', _FakeApi)
     _FakeApi.calls = []
     rc = cli.main(['push', str(net1_run['checkpoint']), 'someone/repo', '--model', 'gsop_resnet50', '-q'])
     assert rc == 1 and 'not logged in' in capsys.readouterr().err
@@ -429,44 +392,20 @@ def test_error_corrupted_checkpoint(net2_checkpoint, tmp_path, capsys):
 
 
 def test_error_wrong_architecture(net2_checkpoint, net1_run, tmp_path, capsys):
-    # a GSoP-Net2 checkpoint exported as GSoP-Net1
+    # a GSoP-Net2 checkpoint exported as GSoP-Net1: the error says which model and arguments fit
     rc = cli.main(['export', str(net2_checkpoint['checkpoint']), str(tmp_path / 'out'), '--model', 'gsop_resnet50'])
     err = capsys.readouterr().err
-    assert rc == 1 and 'does not fit gsop_resnet50' in err
-    assert 'missing keys: layer4.2.attn.' in err
-    assert 'unexpected keys:' in err and 'global_pool.conv_reduce.weight' in err
-    assert 'GSoP-Net2 (isqrt pool)' in err
+    assert rc == 1 and 'does not fit this gsop_resnet50 model' in err
+    assert "checkpoint: layers=(3, 4, 6, 3), attn_mode='fusion_concat', attn_dim=16, num_classes=7 (GSoP-Net2" in err
+    assert 'Export it as it was trained: --model gsop2_resnet50' in err
+    assert 'missing keys (' in err and 'layer4.2.attn.' in err and 'global_pool.conv_reduce.weight' in err
     # an attention mode the weights were not trained with
     rc = cli.main(['export', str(net1_run['checkpoint']), str(tmp_path / 'out'), '--model', 'gsop_resnet50',
                    '--model-kwargs', 'attn_mode=channel'])
     err = capsys.readouterr().err
-    assert rc == 1 and 'attn.channel_gate.' in err and 'attn.position_gate.' in err
-    assert not (tmp_path / 'out').exists()
-    assert not [p for p in tmp_path.iterdir() if '.partial-' in p.name]
-
-
-def test_error_existing_out_dir_needs_force(net2_checkpoint, tmp_path, capsys):
-    out = tmp_path / 'export'
-    out.mkdir()
-    (out / 'keep.txt').write_text('mine')
-    args = ['export', str(net2_checkpoint['checkpoint']), str(out), '--model', 'gsop2_resnet50', '-q',
-            '--model-kwargs', 'attn_mode=fusion_concat']
-    assert cli.main(args) == 1
-    err = capsys.readouterr().err
-    assert 'already exists' in err and '--force' in err
-    assert (out / 'keep.txt').read_text() == 'mine'
-
-    assert cli.main(args + ['--force']) == 0
-    assert not (out / 'keep.txt').exists()
-    _assert_publishable(out)
-
-    # never replaces the folder that holds the checkpoint
-    inside = tmp_path / 'run'
-    inside.mkdir()
-    (inside / 'ckpt.pth.tar').write_bytes(net2_checkpoint['checkpoint'].read_bytes())
-    assert cli.main(['export', str(inside / 'ckpt.pth.tar'), str(inside), '--model', 'gsop2_resnet50',
-                     '--force']) == 1
-    assert 'holds the checkpoint' in capsys.readouterr().err and (inside / 'ckpt.pth.tar').is_file()
+    assert rc == 1 and '--model-kwargs attn_mode=position' in err
+    assert 'attn.channel_gate.' in err and 'attn.position_gate.' in err
+    assert not (tmp_path / 'out').exists() and not list(tmp_path.iterdir())
 
 
 def test_python_m_entry_point(monkeypatch, capsys):

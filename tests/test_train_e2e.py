@@ -74,3 +74,42 @@ def test_gsop2_fusion_ema_trains_and_reloads(tmp_path):
     # The checkpoint is specific to the architecture it was trained as.
     with pytest.raises(RuntimeError):
         timm.create_model('gsop2_resnet50', attn_mode='fusion_concat', num_classes=2, checkpoint_path=str(best))
+
+
+def test_demo_run_exports_a_folder_that_reproduces_its_card(tmp_path):
+    """The Hub user's path with the real train.py: a run at 64 px / crop 0.9 with its own mean and std,
+    exported, then evaluated as the card's usage code does: the card's top-1 again."""
+    import re
+    from PIL import Image
+    import timm
+    from timm.data import create_transform, resolve_model_data_config
+    from timm_gsop import cli
+
+    train_py = _train_py()
+    data = make_demo_dataset(str(tmp_path / 'data'), train_per_class=8, val_per_class=6, num_classes=3)
+    cmd = [
+        sys.executable, '-m', 'timm_gsop.train',
+        '--data-dir', data, '--model', 'gsop_resnet50', '--model-kwargs', 'layers=(1,1,1,1)', 'attn_dim=32',
+        '--num-classes', '3', '--img-size', '64', '--crop-pct', '0.9', '--mean', '0.5', '0.45', '0.4',
+        '--std', '0.25', '0.25', '0.25', '--device', 'cpu', '--epochs', '2', '--batch-size', '8', '--workers', '0',
+        '--opt', 'adamw', '--lr', '2e-3', '--warmup-epochs', '0', '--seed', '1',
+        # the card's snippet transforms PIL images; without the prefetcher train.py's validation does the same
+        '--no-prefetcher', '--output', str(tmp_path / 'out'), '--experiment', 'demo', '--log-interval', '1',
+    ]
+    env = dict(os.environ, TIMM_TRAIN_PY=train_py, OMP_NUM_THREADS='2')
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=480)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    folder = tmp_path / 'export'
+    assert cli.main(['export', str(tmp_path / 'out' / 'demo' / 'model_best.pth.tar'), str(folder),
+                     '--model', 'gsop_resnet50', '-q']) == 0
+    card_top1 = float(re.search(r'\| this checkpoint \| \d+ \| ([\d.]+) \|', (folder / 'README.md').read_text())[1])
+    model = timm.create_model(f'local-dir:{folder}', pretrained=True).eval()
+    transform = create_transform(**resolve_model_data_config(model), is_training=False)
+    names = model.pretrained_cfg['label_names']
+    files = sorted((tmp_path / 'data' / 'validation').glob('*/*.png'))
+    with torch.no_grad():
+        preds = model(torch.stack([transform(Image.open(f).convert('RGB')) for f in files])).argmax(-1).tolist()
+    top1 = 100.0 * sum(names[p] == f.parent.name for p, f in zip(preds, files)) / len(files)
+    assert f'{top1:.2f}' == f'{card_top1:.2f}'
+    assert tuple(model.pretrained_cfg['input_size']) == (3, 64, 64) and model.pretrained_cfg['crop_pct'] == 0.9

@@ -207,3 +207,29 @@ def test_module_runs_script_as_main_with_models_registered(tmp_path):
     import json
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out == dict(argv=[str(fake), '--model', 'gsop2_resnet50', '--x=1 2'], gsop=True)
+
+
+@pytest.mark.parametrize('option', ['--nproc-per-node', '--nnodes', '--node-rank', '--rdzv-endpoint', '--recipe'])
+def test_empty_option_values_are_refused(tmp_path, option):
+    for args in ([option, ''], [f'{option}=']):
+        proc = run_sh('--dry-run', *args, '--data-dir', str(tmp_path))
+        assert proc.returncode == 2 and proc.stdout == ''
+        assert f'{option} needs a value, got an empty one' in proc.stderr
+
+
+def test_validate_names_its_own_variable(offline, tmp_path):
+    own = tmp_path / 'own'
+    own.mkdir()
+    (own / 'train.py').write_text('')  # a train.py with no validate.py beside it
+    env = dict(os.environ, TIMM_TRAIN_PY=str(own / 'train.py'))
+    proc = run_sh('--validate', '--model', 'gsop_resnet50', env=env)
+    assert proc.returncode == 2
+    assert 'TIMM_VALIDATE_PY is not set and there is no validate.py beside TIMM_TRAIN_PY' in proc.stderr
+    assert 'TIMM_TRAIN_PY is set to' not in proc.stderr
+
+
+def test_recipes_module_help():
+    proc = subprocess.run([sys.executable, str(ROOT / 'timm_gsop' / 'recipes.py'), '--help'],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.startswith('usage: python -m timm_gsop.recipes [NAME]')
+    assert all(name in proc.stdout for name in recipes.recipe_names()) and 'Unknown recipe' not in proc.stderr

@@ -1,14 +1,15 @@
 """``timm-gsop`` command line: export GSoP-Net checkpoints as Hugging Face Hub folders, and push them.
 
-    timm-gsop export CHECKPOINT OUT_DIR --model NAME [--model-kwargs k=v ...] [--force]
+    timm-gsop export CHECKPOINT OUT_DIR --model NAME [--model-kwargs k=v ...] [--force] [options]
     timm-gsop push CHECKPOINT REPO_ID --model NAME [--model-kwargs k=v ...] [--private]
-                   [--revision R] [--create-pr] [--commit-message M]
+                   [--revision R] [--create-pr] [--commit-message M] [options]
 
-Progress goes to stderr; the result (the folder, the commit URL) to stdout.
+Progress goes to stderr; the result (the folder, the commit URL) to stdout; errors are one
+``timm-gsop COMMAND: error: ...`` message and exit status 1.
 """
 import argparse
 import sys
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 __all__ = ['main', 'build_parser']
 
@@ -18,10 +19,30 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help='model name, e.g. gsop_resnet50, gsop2_resnet50, gsop_resnet101, gsop2_resnet101')
     p.add_argument('--model-kwargs', nargs='*', default=[], metavar='KEY=VALUE',
                    help='model arguments, e.g. attn_mode=position attn_dim=64 (values are Python literals). '
-                        'By default num_classes, attn_dim and attn_mode are read from the weights and from the '
-                        'model_kwargs train.py stored in the checkpoint')
-    p.add_argument('--license', default=None, help='license in the model card (default: the model\'s, mit)')
-    p.add_argument('-q', '--quiet', action='store_true', help='no progress output')
+                        'By default num_classes, attn_dim and attn_mode are read from the weights, and the '
+                        'others from the --model-kwargs of the training run')
+    p.add_argument('--license', default=None, metavar='ID',
+                   help='licence of the weights for the model card, a Hub licence id such as apache-2.0 or '
+                        'cc-by-4.0 (default: none given)')
+    p.add_argument('--dataset-name', default=None, metavar='TEXT',
+                   help="the training set's name on the card (default: train.py's --dataset, or the "
+                        "--data-dir folder's name)")
+    p.add_argument('--label-names', default=None, metavar='FILE',
+                   help='class names in the classifier\'s order: a JSON list or one a line (default: the '
+                        'class folders of the run\'s training set, in timm\'s order, when it is readable)')
+    pre = p.add_argument_group(
+        'preprocessing', "config.json's pretrained_cfg is what the run validated with (train.py's args.yaml "
+                         "beside the checkpoint); these override it")
+    pre.add_argument('--img-size', type=int, nargs='+', default=None, metavar='PX', help='input size: N, or H W')
+    pre.add_argument('--crop-pct', type=float, default=None, help='center crop fraction, in (0, 1]')
+    pre.add_argument('--crop-mode', default=None, help='center, squash or border')
+    pre.add_argument('--interpolation', default=None, help='bilinear, bicubic, ...')
+    pre.add_argument('--mean', type=float, nargs='+', default=None)
+    pre.add_argument('--std', type=float, nargs='+', default=None)
+    pre.add_argument('--test-img-size', type=int, nargs='+', default=None, metavar='PX',
+                     help='recommended test-time input size (test_input_size): N, or H W')
+    pre.add_argument('--test-crop-pct', type=float, default=None, help='crop fraction at the test-time size')
+    p.add_argument('-q', '--quiet', action='store_true', help='no progress output (warnings still show)')
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
                                         'GSoP checkpoint, state dict or .safetensors file')
     exp.add_argument('out_dir', help='folder to create')
     _add_common(exp)
-    exp.add_argument('--force', action='store_true', help='replace OUT_DIR if it exists')
+    exp.add_argument('--force', action='store_true',
+                     help='replace OUT_DIR if it holds a previous export (anything else is never replaced)')
     exp.add_argument('--repo-id', default=None, metavar='USER/REPO',
                      help='Hub repo id to name in the model card\'s usage code')
 
@@ -52,25 +74,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _export_options(args: argparse.Namespace) -> Dict[str, Any]:
+    from .hub import PREPROCESSING_KEYS, read_label_names_file
+
+    def size(value: Optional[List[int]]):
+        return None if value is None else value[0] if len(value) == 1 else tuple(value)
+    preprocessing = {k: getattr(args, k) for k in PREPROCESSING_KEYS}
+    preprocessing['img_size'], preprocessing['test_img_size'] = size(args.img_size), size(args.test_img_size)
+    return dict(
+        license=args.license, dataset=args.dataset_name, preprocessing=preprocessing,
+        label_names=read_label_names_file(args.label_names) if args.label_names else None,
+        verbose=not args.quiet)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     from .hub import ExportError, export_checkpoint, parse_model_kwargs, push_checkpoint
     try:
         kwargs = parse_model_kwargs(args.model_kwargs)
+        options = _export_options(args)
         if args.command == 'export':
-            out = export_checkpoint(
-                args.checkpoint, args.out_dir, args.model, kwargs, force=args.force, repo_id=args.repo_id,
-                license=args.license, verbose=not args.quiet)
-            print(out)
+            print(export_checkpoint(
+                args.checkpoint, args.out_dir, args.model, kwargs, force=args.force, repo_id=args.repo_id, **options))
         else:
             info = push_checkpoint(
                 args.checkpoint, args.repo_id, args.model, kwargs, private=args.private, revision=args.revision,
-                create_pr=args.create_pr, commit_message=args.commit_message, license=args.license,
-                verbose=not args.quiet)
+                create_pr=args.create_pr, commit_message=args.commit_message, **options)
             print(getattr(info, 'pr_url', None) or getattr(info, 'commit_url', None) or info)
     except ExportError as e:
         print(f'timm-gsop {args.command}: error: {e}', file=sys.stderr)
+        return 1
+    except OSError as e:  # a read-only or full disk, a path through a file: one line, no traceback
+        where = f': {e.filename}' if e.filename else ''
+        print(f'timm-gsop {args.command}: error: {e.strerror or e}{where}', file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f'timm-gsop {args.command}: interrupted', file=sys.stderr)

@@ -99,6 +99,11 @@ def main(argv=None):
     if not argv:
         print(describe_recipes())
         return
+    if argv[0] in ('-h', '--help'):
+        print('usage: python -m timm_gsop.recipes [NAME]\n\n'
+              'Without NAME, lists the recipes; with NAME, prints its train.py arguments, one a line.\n\n'
+              f'Recipes:\n{describe_recipes()}')
+        return
     try:
         print('\n'.join(recipe_args(argv[0])))
     except KeyError as e:

@@ -63,7 +63,13 @@ def _from_env(name: str) -> Optional[str]:
     value = os.environ.get(var)
     if not value and name != 'train.py' and os.environ.get('TIMM_TRAIN_PY'):
         # A checkout's scripts sit side by side: TIMM_TRAIN_PY alone is enough.
-        var, value = 'TIMM_TRAIN_PY', os.path.join(os.path.dirname(os.environ['TIMM_TRAIN_PY']), name)
+        train_py = os.environ['TIMM_TRAIN_PY']
+        beside = os.path.join(train_py if os.path.isdir(train_py) else os.path.dirname(train_py), name)
+        if not os.path.isfile(beside):
+            raise TimmScriptNotFound(
+                f'{var} is not set and there is no {name} beside TIMM_TRAIN_PY ({beside} is not a file): '
+                f'set {var}=/path/to/{name}.')
+        return os.path.abspath(beside)
     if not value:
         return None
     path = os.path.join(value, name) if os.path.isdir(value) else value

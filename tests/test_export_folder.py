@@ -1,0 +1,211 @@
+"""The export never destroys what it did not make: OUT_DIR appearing or changing during an export,
+two exports racing for one OUT_DIR, --force, a killed export (a real SIGKILL), OS errors.
+
+A small checkpoint (one bottleneck per stage) keeps each export to about a second.
+"""
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import timm_gsop  # noqa: F401
+from timm_gsop import cli
+from timm_gsop.hub import export, folder
+
+from export_helpers import assert_publishable, leftovers, make_model
+
+SMALL = dict(layers=(1, 1, 1, 1), attn_dim=16, num_classes=5)
+
+
+@pytest.fixture(scope='module')
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp('ckpt') / 'small.pth.tar'
+    torch.save({'state_dict': make_model('gsop_resnet50', 21, **SMALL).state_dict()}, path)
+    return path
+
+
+def _export(checkpoint, out, *extra) -> int:
+    return cli.main(['export', str(checkpoint), str(out), '--model', 'gsop_resnet50', '-q',
+                     '--model-kwargs', 'layers=(1, 1, 1, 1)', *extra])
+
+
+def _during_export(monkeypatch, action):
+    """Run ``action()`` while an export is under way: after its folder is written, before it is put in place."""
+    verify = export._verify_reload
+
+    def verify_then_act(*args, **kwargs):
+        verify(*args, **kwargs)
+        action()
+    monkeypatch.setattr(export, '_verify_reload', verify_then_act)
+
+
+def test_existing_out_dir_is_never_touched_without_force(checkpoint, tmp_path, capsys):
+    for make in (lambda p: p.mkdir(), lambda p: p.write_text('mine')):  # an empty folder, a file
+        out = tmp_path / f'out{len(list(tmp_path.iterdir()))}'
+        make(out)
+        before = sorted(os.listdir(out)) if out.is_dir() else out.read_text()
+        assert _export(checkpoint, out) == 1
+        assert 'already exists; use --force' in capsys.readouterr().err
+        assert (sorted(os.listdir(out)) if out.is_dir() else out.read_text()) == before
+        assert not leftovers(out)
+
+
+def test_force_replaces_a_previous_export_and_nothing_else(checkpoint, tmp_path, capsys):
+    out = tmp_path / 'export'
+    assert _export(checkpoint, out) == 0
+    first = out.stat().st_ino
+    (out / 'README.md').write_text('an old card')
+    assert _export(checkpoint, out, '--force') == 0
+    assert out.stat().st_ino != first and 'an old card' not in (out / 'README.md').read_text()
+    assert_publishable(out)
+
+    (out / 'notes.txt').write_text('mine')  # not an export any more: --force refuses it
+    assert _export(checkpoint, out, '--force') == 1
+    assert 'holds files an export does not write (notes.txt)' in capsys.readouterr().err
+    assert (out / 'notes.txt').read_text() == 'mine'
+
+    run = tmp_path / 'run'  # nor the folder of the checkpoint itself, even one named like an export
+    run.mkdir()
+    (run / 'model.safetensors').write_bytes(b'')
+    assert _export(run / 'model.safetensors', run, '--force') == 1
+    assert 'holds the checkpoint' in capsys.readouterr().err
+
+    link = tmp_path / 'link'
+    link.symlink_to(out, target_is_directory=True)
+    assert _export(checkpoint, link, '--force') == 1
+    assert 'is not a folder' in capsys.readouterr().err and (out / 'notes.txt').exists()
+
+
+@pytest.mark.parametrize('what', ['a folder with a file', 'an empty folder'])
+def test_out_dir_appearing_during_the_export_is_left_alone(checkpoint, tmp_path, capsys, monkeypatch, what):
+    out = tmp_path / 'export'
+
+    def appear():  # an empty folder is what a plain rename would silently replace
+        out.mkdir()
+        if what == 'a folder with a file':
+            (out / 'mine.txt').write_text('mine')
+    _during_export(monkeypatch, appear)
+    assert _export(checkpoint, out) == 1
+    assert 'appeared while this export ran' in capsys.readouterr().err
+    assert os.listdir(out) == (['mine.txt'] if what == 'a folder with a file' else [])
+    assert not leftovers(out)
+
+
+def test_of_two_racing_exports_exactly_one_wins(checkpoint, tmp_path, capsys, monkeypatch):
+    """A second export runs to the end while the first is between writing and renaming its folder."""
+    out, results = tmp_path / 'export', []
+    _during_export(monkeypatch, lambda: (monkeypatch.undo(), results.append(_export(checkpoint, out))))
+    results.insert(0, _export(checkpoint, out))
+    assert results == [1, 0]  # [first, second]
+    assert 'appeared while this export ran' in capsys.readouterr().err
+    assert_publishable(out)
+
+    # both with --force over that export: the second replaces it first, so the first must not replace the second's
+    results.clear()
+    second = []
+    _during_export(monkeypatch, lambda: (monkeypatch.undo(), results.append(_export(checkpoint, out, '--force')),
+                                         second.append(out.stat().st_ino)))
+    results.insert(0, _export(checkpoint, out, '--force'))
+    assert results == [1, 0]
+    assert 'changed while this export ran' in capsys.readouterr().err
+    assert out.stat().st_ino == second[0] and not leftovers(out)
+
+
+def test_two_export_processes_to_one_out_dir(checkpoint, tmp_path):
+    """The same, for real: two processes started together; whichever comes second fails, at the start or at the end."""
+    out = tmp_path / 'export'
+    cmd = [sys.executable, '-m', 'timm_gsop', 'export', str(checkpoint), str(out), '--model', 'gsop_resnet50', '-q',
+           '--model-kwargs', 'layers=(1, 1, 1, 1)']
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [(p.wait(timeout=300), p.communicate()[1]) for p in procs]
+    assert sorted(rc for rc, _ in results) == [0, 1], results
+    loser = next(err for rc, err in results if rc == 1)
+    assert 'already exists' in loser or 'appeared while this export ran' in loser
+    assert_publishable(out)
+
+
+def test_without_atomic_rename_the_same_rules_hold(checkpoint, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(folder, '_renameat2', lambda src, dst, flags: False)  # not Linux, or no renameat2
+    out = tmp_path / 'export'
+    out.mkdir()
+    (out / 'README.md').write_text('# a previous export')
+    assert _export(checkpoint, out, '--force') == 0
+    assert_publishable(out)
+    assert 'a previous export' not in (out / 'README.md').read_text()
+    other = tmp_path / 'other'
+    _during_export(monkeypatch, other.mkdir)
+    assert _export(checkpoint, other) == 1 and 'appeared' in capsys.readouterr().err
+    assert other.is_dir() and not os.listdir(other)
+
+
+def test_killed_export_leaves_out_dir_whole_and_its_folder_is_cleaned_next_time(tmp_path, capsys):
+    """SIGKILL in the middle of --force over a previous export (a full-size model: the export takes seconds)."""
+    checkpoint = tmp_path / 'full.pth.tar'
+    torch.save({'state_dict': make_model('gsop_resnet50', 22, attn_dim=16, num_classes=5).state_dict()}, checkpoint)
+    out = tmp_path / 'export'
+    previous = {'README.md': '# a previous export', 'config.json': '{}'}
+    out.mkdir()
+    for name, text in previous.items():
+        (out / name).write_text(text)
+
+    proc = subprocess.Popen(
+        [sys.executable, '-m', 'timm_gsop', 'export', str(checkpoint), str(out), '--model', 'gsop_resnet50',
+         '--force', '-q'], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 240
+    try:
+        while not any((p / 'config.json').exists() for p in leftovers(out)):  # the weights are written
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+    assert {p.name: p.read_text() for p in out.iterdir()} == previous  # untouched
+    stale = leftovers(out)
+    assert len(stale) == 1 and (stale[0] / 'model.safetensors').exists()
+
+    assert cli.main(['export', str(checkpoint), str(out), '--model', 'gsop_resnet50', '--force', '-q']) == 0
+    assert f'removed {stale[0]}, the partial folder of an export that was interrupted' in capsys.readouterr().err
+    assert_publishable(out)
+    assert json.loads((out / 'config.json').read_text())['model_args']['attn_dim'] == 16
+
+
+def test_stale_folders_that_are_not_exports_or_in_use_are_reported_not_deleted(checkpoint, tmp_path, capsys):
+    out = tmp_path / 'export'
+    foreign = tmp_path / '.export.partial-mine'
+    foreign.mkdir()
+    (foreign / 'notes.txt').write_text('mine')
+    busy = tmp_path / '.export.partial-busy'
+    busy.mkdir()
+    fd = folder._try_lock(busy)  # as a running export holds its folder
+    try:
+        assert _export(checkpoint, out) == 0
+    finally:
+        os.close(fd)
+    err = capsys.readouterr().err
+    assert f'left {foreign} alone' in err and 'another export to' in err
+    assert (foreign / 'notes.txt').read_text() == 'mine' and busy.is_dir()
+
+
+def test_os_errors_are_one_line(checkpoint, tmp_path, capsys, monkeypatch):
+    (tmp_path / 'a-file').write_text('')
+    assert _export(checkpoint, tmp_path / 'a-file' / 'export') == 1
+    err = capsys.readouterr().err
+    assert err.startswith('timm-gsop export: error: ') and len(err.strip().splitlines()) == 1
+    assert 'a-file' in err and 'Traceback' not in err
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), 'model.safetensors')
+    monkeypatch.setattr('safetensors.torch.save_file', disk_full)
+    out = tmp_path / 'export'
+    assert _export(checkpoint, out) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == 'timm-gsop export: error: No space left on device: model.safetensors'
+    assert not out.exists() and not leftovers(out)
