@@ -106,3 +106,60 @@ def test_gpu_checks_script_stops_cleanly_without_gpu(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert 'no CUDA GPU' in proc.stderr
     assert not (tmp_path / 'out').exists()
+
+
+def test_traffic_count_counts_bytes_of_every_op_and_nothing_for_views():
+    traffic = _load('traffic')
+    a, b = torch.randn(4, 8, dtype=torch.bfloat16), torch.randn(4, 8, dtype=torch.bfloat16)
+    with traffic.TrafficCount() as count:
+        c = a + b  # reads 2 x 64 bytes, writes 64
+        c.t()[:2].unsqueeze(0), c.view(-1)  # views: nothing moves
+        c.float()  # reads 64, writes 128
+    assert (count.ops, count.bytes) == (2, 3 * 64 + 64 + 128)
+    assert dict(count.ops_by_op) == {'add': 1, '_to_copy': 1}
+
+
+def test_traffic_extrapolation_is_linear_in_the_batch(monkeypatch):
+    traffic = _load('traffic')
+    fake = {1: (1000, 7), 2: (1500, 9)}  # 500 bytes a sample on 500 bytes of weights
+
+    def count_step(make, train, batch, **kwargs):
+        c = traffic.TrafficCount()
+        c.bytes, c.ops = fake[batch]
+        c.bytes_by_op.update(mul=c.bytes)
+        return c
+
+    monkeypatch.setattr(traffic, 'count_step', count_step)
+    total, ops, by_op = traffic.count_at_batch(lambda: None, train=False, batch=128)
+    assert total == 1000 + 127 * 500 and ops == 9 and by_op == {'mul': total}
+
+
+def test_official_code_loader_applies_its_one_fix_and_leaves_torchvision_alone(tmp_path):
+    # A stand-in laid out like the official repository: models as a package inside a 'torchvision' folder.
+    official = _load('official')
+    models = tmp_path / 'torchvision' / 'models'
+    (models / 'MPNCOV' / 'python').mkdir(parents=True)
+    (models / '__init__.py').write_text('from .resnet import *\n')
+    (models / 'MPNCOV' / '__init__.py').write_text('')
+    (models / 'MPNCOV' / 'python' / '__init__.py').write_text('')
+    (models / 'MPNCOV' / 'python' / 'MPNCOV.py').write_text(
+        'def shape(grad_output, index, i=0):\n    return grad_output[i,:].reshape(index.size(),1).shape\n')
+    (models / 'resnet.py').write_text(
+        'import torch\nfrom .MPNCOV.python import MPNCOV\n__all__ = ["resnet50", "MPNCOV"]\n'
+        'def resnet50(att_position, att_dim, GSoP_mode):\n'
+        '    return torch.nn.Linear(att_dim, 1 + sum(p == "1" for s in att_position for p in s) + 10 * GSoP_mode)\n')
+    sys.modules.pop('gsop_official_models', None)
+    try:
+        nets = official.load_official_models(str(tmp_path))
+        net1, net2 = nets['official gsop_resnet50'](), nets['official gsop2_resnet50']()
+        assert (net1.out_features, net2.out_features) == (1 + 4 + 10, 1 + 3 + 20)  # a block a stage; Net2 not the last
+        mpncov = sys.modules['gsop_official_models'].MPNCOV
+        index = torch.arange(3).unsqueeze(1)
+        assert mpncov.shape(torch.randn(1, 3), index) == (3, 1)
+    finally:
+        for name in [n for n in sys.modules if n.startswith('gsop_official_models')]:
+            del sys.modules[name]
+    import torchvision
+    assert 'site-packages' in torchvision.__file__ or 'torchvision' in torchvision.__file__
+    with pytest.raises(FileNotFoundError, match='No official GSoP code'):
+        official.load_official_models(str(tmp_path / 'missing'))

@@ -254,7 +254,6 @@ def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:
         'first_conv': 'conv1', 'classifier': 'fc',
         'paper_ids': 'arXiv:1811.12006', 'paper_name': 'Global Second-order Pooling Convolutional Networks',
         'origin_url': 'https://github.com/ZilinGao/Global-Second-order-Pooling-Convolutional-Networks',
-        'license': 'mit',
         **kwargs,
     }
 
