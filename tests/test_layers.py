@@ -182,6 +182,25 @@ def test_scale_add_gradients(channels_last, with_shortcut):
     assert gradgradcheck(scale_add, args)
 
 
+@pytest.mark.parametrize('channels_last', [False, True])
+def test_scale_add_under_bf16_autocast_matches_float32(channels_last):
+    # Under autocast the map is bf16 while gate and shortcut may be float32 (the result then too):
+    # the backward must cope with the mixed dtypes and give each input its own dtype back.
+    torch.manual_seed(0)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x, gate, shortcut = torch.randn(2, 8, 6, 6), torch.rand(2, 8, 1, 1), torch.randn(2, 8, 6, 6)
+    x, shortcut = x.contiguous(memory_format=fmt), shortcut.contiguous(memory_format=fmt)
+    leaves = [t.clone().requires_grad_() for t in (x.bfloat16(), gate, shortcut)]
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out = scale_add(*leaves)
+    out.float().square().sum().backward()
+    ref_leaves = [t.clone().requires_grad_() for t in (x.bfloat16().float(), gate, shortcut)]
+    torch.addcmul(ref_leaves[2], ref_leaves[0], ref_leaves[1]).square().sum().backward()
+    for got, ref in zip(leaves, ref_leaves):
+        assert got.grad.dtype == got.dtype
+        torch.testing.assert_close(got.grad.float(), ref.grad, rtol=2e-2, atol=2e-2 * ref.grad.abs().max().item())
+
+
 @pytest.mark.parametrize('stride', [1, 2, 3])
 @pytest.mark.parametrize('channels_last', [False, True])
 def test_relu_copy_gradients(stride, channels_last):

@@ -64,8 +64,9 @@ class _ScaleAdd(torch.autograd.Function):
     Autograd's backward of ``addcmul`` forms ``x * value`` at full size before multiplying it with the
     gradient for the gate (its derivative formula scales the other factor first); here the gate's
     gradient is the sum over positions of ``grad * x``: one batched dot product per channel where
-    (B*C, H*W) rows are a view (NCHW), else a product and a sum (channels_last). The backward is made
-    of differentiable ops on the saved inputs, so double backward works.
+    (B*C, H*W) rows are a view (NCHW) and the two share a dtype, else a product and a sum
+    (channels_last; or a float32 shortcut under autocast, which makes the gradient float32). The
+    backward is made of differentiable ops on the saved inputs, so double backward works.
     """
 
     @staticmethod
@@ -79,7 +80,7 @@ class _ScaleAdd(torch.autograd.Function):
         grad_x = grad * gate if ctx.needs_input_grad[0] else None
         grad_gate = None
         if ctx.needs_input_grad[1]:
-            if grad.is_contiguous() and x.is_contiguous():
+            if grad.dtype == x.dtype and grad.is_contiguous() and x.is_contiguous():
                 b, c = x.shape[:2]
                 grad_gate = torch.bmm(grad.reshape(b * c, 1, -1), x.reshape(b * c, -1, 1)).view(b, c, 1, 1)
             else:
