@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks as one prepared run of at most ~8 minutes (one device call):
+# The GPU checks in one run of about 8 minutes:
 #   1. tests/test_cuda.py: CUDA equals CPU (float64 to 1e-10; float32 within 10x the plain backbone's
 #      difference), a bf16 autocast + channels_last training step, float32 second-order maths under
 #      autocast, no host synchronisation in forward or backward, the compiled block equal to eager;
@@ -8,11 +8,13 @@
 #   3. torch.compile'd timings of GSoP-Net1 and its backbone.
 # Tables go to $OUT (default gpu-results/); each step has a time limit so that a slow one cannot take the rest.
 #
-# Prepare here, once per session (both folders are git-ignored and travel with `carry`):
-#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#       -d .whl timm==1.0.31          # the GPU image has a timm of its own
-#   git clone --depth 1 https://github.com/ZilinGao/Global-Second-order-Pooling-Convolutional-Networks .official
-# then run `benchmarks/gpu_checks.sh` there with carry ['.whl', '.official'] and a timeout of about 540 s.
+# Optional inputs, in the repository root (both folders are git-ignored); prepare them where there is network
+# access and copy them to the GPU machine with the repository if it has none:
+#   .whl/       wheels to install first, e.g. the timm this package is tested with where the machine has another:
+#               python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl timm==1.0.31
+#   .official/  a checkout of the official GSoP code, for the ours-against-official table:
+#               git clone --depth 1 https://github.com/ZilinGao/Global-Second-order-Pooling-Convolutional-Networks .official
+# Then run benchmarks/gpu_checks.sh on the GPU machine (about 8 minutes; give it 9).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 python3 -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' \

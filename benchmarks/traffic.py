@@ -19,9 +19,8 @@ Method (deterministic: the same figures on any machine, run after run):
 * A GSoP model is compared with the same model at ``attn_mode='none'`` (its own backbone: same trunk and
   head); timm's ``seresnet50`` over ``resnet50`` is shown for reference.
 
-``../shared/traffic_count.py`` (the yardstick the targets are read with) uses the same method: this
-script prints the same added bytes and ops, plus the absolute figures and, with ``--by-op``, where the
-added bytes go.
+The targets are read with this same count; besides the added bytes and ops this script prints the
+absolute figures and, with ``--by-op``, where the added bytes go.
 """
 import argparse
 import collections
