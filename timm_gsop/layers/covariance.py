@@ -2,9 +2,10 @@
 
 Both functions take a feature map (B, C, *spatial) and never build the M x M centring matrix
 of the textbook form: they centre by subtracting a mean (or an outer product of sums), so cost and
-memory stay at one (C x M) @ (M x C) product (and, for ``covariance``, one product backward). They compute in float32 whatever the input's
-precision (float64 stays float64) and return that: a covariance in bf16/fp16 loses the small
-differences it is made of, and under autocast the layers after it run in float32 too.
+memory stay at one (C x M) @ (M x C) product (and, for ``covariance``, one product backward).
+They compute in float32 whatever the input's precision (float64 stays float64) and return that: a
+covariance in bf16/fp16 loses the small differences it is made of, and under autocast the layers
+after it run in float32 too.
 """
 import contextlib
 

@@ -114,8 +114,19 @@ def create_head(
     if pool_type != 'isqrt':
         return create_classifier(num_features, num_classes, pool_type=pool_type, **dd)
     pool = IsqrtCovPool(num_features, cov_dim=cov_dim, num_iter=sqrt_iters, **dd)
-    fc = nn.Linear(pool.out_features, num_classes, **dd) if num_classes > 0 else nn.Identity()
-    return pool, fc
+    return pool, _linear_classifier(pool.out_features, num_classes, **dd)
+
+
+def _linear_classifier(in_features: int, num_classes: int, device=None, dtype=None) -> nn.Module:
+    """The classifier behind an iSQRT-COV pool (an identity for ``num_classes=0``)."""
+    if num_classes > 0:
+        return nn.Linear(in_features, num_classes, device=device, dtype=dtype)
+    return nn.Identity()
+
+
+def _check_global_pool(global_pool: Any) -> None:
+    if global_pool not in GLOBAL_POOLS:
+        raise ValueError(f'Unknown global_pool {global_pool!r}; valid: {", ".join(map(repr, GLOBAL_POOLS))}.')
 
 
 def _check_rate(name: str, value: Any) -> None:
@@ -167,8 +178,7 @@ class GSoPNet(nn.Module):
             raise ValueError(f'num_classes must be an integer >= 0 (0: no classifier), got {num_classes!r}')
         check_positive_int('in_chans', in_chans)
         check_positive_int('min_input_size', min_input_size)
-        if global_pool not in GLOBAL_POOLS:
-            raise ValueError(f'Unknown global_pool {global_pool!r}; valid: {", ".join(map(repr, GLOBAL_POOLS))}.')
+        _check_global_pool(global_pool)
         _check_rate('drop_rate', drop_rate)
         _check_rate('drop_path_rate', drop_path_rate)
         if not isinstance(zero_init_last, bool):
@@ -250,12 +260,12 @@ class GSoPNet(nn.Module):
 
         ``global_pool=None`` keeps the pooling; an iSQRT-COV pool then keeps its trained weights.
         """
-        if global_pool is not None and global_pool not in GLOBAL_POOLS:
-            raise ValueError(f'Unknown global_pool {global_pool!r}; valid: {", ".join(map(repr, GLOBAL_POOLS))}.')
+        if global_pool is not None:
+            _check_global_pool(global_pool)
         dd = get_device_dtype(self)
         self.num_classes = num_classes
         if (global_pool is None or global_pool == 'isqrt') and isinstance(self.global_pool, IsqrtCovPool):
-            self.fc = nn.Linear(self.head_hidden_size, num_classes, **dd) if num_classes > 0 else nn.Identity()
+            self.fc = _linear_classifier(self.head_hidden_size, num_classes, **dd)
         else:
             self.init_head(self.global_pool.pool_type if global_pool is None else global_pool, **dd)
         self.global_pool.train(self.training)
