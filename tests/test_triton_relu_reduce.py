@@ -1,0 +1,185 @@
+"""The reduction's Triton kernels against eager torch, on the CPU under Triton's interpreter.
+
+``TRITON_INTERPRET=1`` only takes effect if set before triton is first imported, and another test in
+this process may have imported it already. So one subprocess, started with the variable set, runs
+every case (this file as a script) and reports each one's errors; the tests here check them.
+"""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+_MARKER = 'RELU_REDUCE_RESULTS '
+
+# id: (dtype, batch, channels, attn_dim, height, width, stride, layouts, bias); layouts name the memory
+# format of (x, grad_y, grad_x): 'cl' channels_last, 'nchw' contiguous. Blocks are 16 under the
+# interpreter, so 24, 40 channels and 12, 20 output channels leave partial blocks, and 20 two of them.
+CASES = {
+    'f32_nchw_s1': ('float32', 2, 24, 12, 9, 7, 1, ('nchw', 'nchw', 'nchw'), True),
+    'f32_cl_s2_odd': ('float32', 2, 24, 12, 9, 7, 2, ('cl', 'cl', 'cl'), True),
+    'f32_mixed_layouts_s2': ('float32', 2, 24, 12, 7, 5, 2, ('cl', 'nchw', 'nchw'), True),
+    'f32_batch1_no_bias': ('float32', 1, 40, 20, 5, 11, 2, ('nchw', 'cl', 'cl'), False),
+    'bf16_nchw_s1': ('bfloat16', 2, 24, 12, 6, 6, 1, ('nchw', 'nchw', 'nchw'), True),
+    'bf16_cl_s2_batch1': ('bfloat16', 1, 24, 12, 7, 9, 2, ('cl', 'cl', 'cl'), True),
+    'f64_cl_s2': ('float64', 2, 24, 12, 5, 5, 2, ('cl', 'cl', 'nchw'), True),
+}
+# Largest error allowed, relative to the largest reference value. The reference computes in float64 from
+# the operands the kernels see (the map in its dtype, the weight rounded to it), so what is left is the
+# order of the float32 sums and, for bfloat16, the output's rounding (2**-9 of a value).
+TOLERANCE = {'float32': 1e-4, 'bfloat16': 1e-2, 'float64': 1e-12}
+OUTPUTS = ('y', 'grad_x', 'grad_weight', 'grad_bias')
+
+
+def _layout(t, name):
+    return t.contiguous(memory_format=torch.channels_last if name == 'cl' else torch.contiguous_format)
+
+
+def reference(x, weight, bias, stride, grad_y):
+    """Eager ``conv2d(relu(x[..., ::s, ::s]), weight.to(x.dtype), bias)`` and its autograd gradients, in float64."""
+    weight = weight.detach().to(x.dtype).double().requires_grad_()
+    x = x.detach().double().requires_grad_()
+    bias = bias.detach().double().requires_grad_() if bias is not None else None
+    y = F.conv2d(F.relu(x[:, :, ::stride, ::stride]), weight[:, :, None, None], bias)
+    y.backward(grad_y.double())
+    return y.detach(), x.grad, weight.grad, bias.grad if bias is not None else None
+
+
+def run_case(dtype_name, batch, channels, dim, height, width, stride, layouts, use_bias):
+    """Errors of the launchers against ``reference``, and the exactness checks, as plain numbers."""
+    from timm_gsop.layers.triton_relu_reduce import relu_reduce_bwd_, relu_reduce_fwd
+
+    dtype = getattr(torch, dtype_name)
+    gen = torch.Generator().manual_seed(channels * 100 + height * 10 + width)
+    x = _layout(torch.randn(batch, channels, height, width, generator=gen).to(dtype), layouts[0])
+    # The weight and bias stay float32 for a bfloat16 map, as under autocast.
+    param_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    weight = torch.randn(dim, channels, generator=gen).to(param_dtype) / channels ** 0.5
+    bias = torch.randn(dim, generator=gen).to(param_dtype) if use_bias else None
+    h_out, w_out = -(-height // stride), -(-width // stride)
+    grad_y = _layout(torch.randn(batch, dim, h_out, w_out, generator=gen).to(dtype), layouts[1])
+    grad_x0 = _layout(torch.randn(batch, channels, height, width, generator=gen).to(dtype), layouts[2])
+
+    y = relu_reduce_fwd(x, weight, bias, stride)
+    grad_x = grad_x0.clone()
+    grad_weight, grad_bias = relu_reduce_bwd_(grad_x, grad_y, x, weight, stride)
+    grad_x_again = grad_x0.clone()
+    grad_weight_again, grad_bias_again = relu_reduce_bwd_(grad_x_again, grad_y, x, weight, stride)
+
+    ref_y, ref_grad_x, ref_grad_weight, ref_grad_bias = reference(x, weight, bias, stride, grad_y)
+    ref_grad_bias = ref_grad_bias if use_bias else grad_y.double().sum((0, 2, 3))
+    ref_grad_x = grad_x0.double() + ref_grad_x
+
+    def rel_err(out, ref):
+        return ((out.double() - ref).abs().max() / ref.abs().max()).item()
+
+    # Positions the data gradient must not touch: off the stride grid, or where x <= 0.
+    on_grid = torch.zeros(batch, channels, height, width, dtype=torch.bool)
+    on_grid[:, :, ::stride, ::stride] = True
+    untouched = ~(on_grid & (x > 0))
+    return {
+        'y': rel_err(y, ref_y),
+        'grad_x': rel_err(grad_x, ref_grad_x),
+        'grad_weight': rel_err(grad_weight, ref_grad_weight),
+        'grad_bias': rel_err(grad_bias, ref_grad_bias),
+        'untouched_exact': bool(torch.equal(grad_x[untouched], grad_x0[untouched])),
+        'untouched_count': int(untouched.sum()),
+        'deterministic': bool(torch.equal(grad_weight, grad_weight_again) and torch.equal(grad_bias, grad_bias_again)
+                              and torch.equal(grad_x, grad_x_again)),
+        'y_shape': list(y.shape),
+        'y_channels_last': y.is_contiguous(memory_format=torch.channels_last),
+        'dtypes': [str(t.dtype) for t in (y, grad_x, grad_weight, grad_bias)],
+        'grad_x_layout_kept': grad_x.stride() == grad_x0.stride(),
+    }
+
+
+def run_errors():
+    """The launchers' argument errors: each message names what was expected."""
+    from timm_gsop.layers.triton_relu_reduce import relu_reduce_bwd_, relu_reduce_fwd
+
+    x = torch.randn(1, 4, 3, 3)
+    bad = {
+        'weight_channels': lambda: relu_reduce_fwd(x, torch.randn(2, 5), None, 1),
+        'stride': lambda: relu_reduce_fwd(x, torch.randn(2, 4), None, 0),
+        'bias_shape': lambda: relu_reduce_fwd(x, torch.randn(2, 4), torch.randn(3), 1),
+        'grad_y_shape': lambda: relu_reduce_bwd_(torch.zeros_like(x), torch.randn(1, 2, 3, 3), x, torch.randn(2, 4), 2),
+    }
+    messages = {}
+    for name, call in bad.items():
+        try:
+            call()
+            messages[name] = None
+        except ValueError as e:
+            messages[name] = str(e)
+    return messages
+
+
+def _main():
+    results = {}
+    for case_id, args in CASES.items():
+        try:
+            results[case_id] = run_case(*args)
+        except Exception as e:  # reported per case, so one failure does not hide the others
+            results[case_id] = {'exception': f'{type(e).__name__}: {e}'}
+    results['errors'] = run_errors()
+    print(_MARKER + json.dumps(results))
+
+
+@pytest.fixture(scope='module')
+def results():
+    if importlib.util.find_spec('triton') is None:
+        pytest.skip('triton is not installed')
+    repo = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, TRITON_INTERPRET='1')
+    env['PYTHONPATH'] = os.pathsep.join(p for p in (repo, env.get('PYTHONPATH')) if p)
+    proc = subprocess.run(
+        [sys.executable, __file__], env=env, cwd=repo, capture_output=True, text=True, timeout=600)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(_MARKER)]
+    assert proc.returncode == 0 and lines, f'interpreter run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}'
+    return json.loads(lines[-1][len(_MARKER):])
+
+
+@pytest.mark.parametrize('case_id', list(CASES))
+def test_matches_eager(results, case_id):
+    dtype_name, batch, channels, dim, height, width, stride, _, _ = CASES[case_id]
+    res = results[case_id]
+    assert 'exception' not in res, res.get('exception')
+    errors = {k: res[k] for k in OUTPUTS}
+    assert max(errors.values()) < TOLERANCE[dtype_name], errors
+    assert res['y_shape'] == [batch, dim, -(-height // stride), -(-width // stride)]
+    assert res['y_channels_last']
+    acc = 'torch.float64' if dtype_name == 'float64' else 'torch.float32'
+    assert res['dtypes'] == [f'torch.{dtype_name}', f'torch.{dtype_name}', acc, acc]
+
+
+@pytest.mark.parametrize('case_id', list(CASES))
+def test_grad_x_added_in_place_only_where_relu_passes(results, case_id):
+    res = results[case_id]
+    assert 'exception' not in res, res.get('exception')
+    assert res['untouched_count'] > 0  # else the check below proves nothing
+    assert res['untouched_exact']
+    assert res['grad_x_layout_kept']
+
+
+@pytest.mark.parametrize('case_id', list(CASES))
+def test_backward_deterministic(results, case_id):
+    res = results[case_id]
+    assert 'exception' not in res, res.get('exception')
+    assert res['deterministic']
+
+
+def test_argument_errors_name_the_expected(results):
+    messages = results['errors']
+    assert messages['weight_channels'] is not None and '(d, C) with C = 4' in messages['weight_channels']
+    assert messages['stride'] is not None and 'positive int' in messages['stride']
+    assert messages['bias_shape'] is not None and '(2,)' in messages['bias_shape']
+    assert messages['grad_y_shape'] is not None and '(1, 2, 2, 2)' in messages['grad_y_shape']
+
+
+if __name__ == '__main__':
+    _main()
