@@ -119,7 +119,50 @@ def run_errors():
     return messages
 
 
+def compile_for_sm90():
+    """Compiles the kernels as the launchers would for a bfloat16 map (the AMP path) on sm_90: no GPU needed.
+
+    The interpreter runs none of the GPU compiler; this catches what only it rejects. Returns each
+    kernel's shared memory in bytes, or {'skip': why}.
+    """
+    import triton
+    from triton.backends import backends
+
+    if 'nvidia' not in backends:
+        return {'skip': "triton has no 'nvidia' backend"}
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from timm_gsop.layers import triton_relu_reduce as ops
+
+    dim, channels, rows = 128, 256, 128 * 28 * 28  # stage 1 of a ResNet-50 at 224 px, batch 128
+    common = {'ACC_FP64': False, 'INPUT_PRECISION': 'tf32', 'UPCAST_DOT': False}
+    kernels = {
+        ops._relu_reduce_fwd_kernel: (
+            {'x_ptr': '*bf16', 'w_ptr': '*fp32', 'bias_ptr': '*fp32', 'y_ptr': '*bf16'},
+            dict(common, HAS_BIAS=True), ('BLOCK_M', 'BLOCK_N', 'BLOCK_K'), (rows, dim, channels)),
+        ops._relu_reduce_bwd_data_kernel: (
+            {'gy_ptr': '*bf16', 'w_ptr': '*fp32', 'x_ptr': '*bf16', 'gx_ptr': '*bf16'},
+            common, ('BLOCK_M', 'BLOCK_N', 'BLOCK_K'), (rows, channels, dim)),
+        ops._relu_reduce_bwd_weight_kernel: (
+            {'gy_ptr': '*bf16', 'x_ptr': '*bf16', 'gw_ptr': '*fp32', 'gb_ptr': '*fp32'},
+            common, ('BLOCK_D', 'BLOCK_C', 'BLOCK_M'), (dim, channels, rows)),
+    }
+    shared = {}
+    for kernel, (pointers, constants, block_names, gemm) in kernels.items():
+        *blocks, num_warps, num_stages = ops._gemm_blocks(True, torch.bfloat16, *gemm)
+        constants = dict(constants, **dict(zip(block_names, blocks)))
+        signature = {name: 'constexpr' if name in constants else pointers.get(name, 'i32') for name in kernel.arg_names}
+        compiled = triton.compile(
+            ASTSource(kernel, signature, constants), target=GPUTarget('cuda', 90, 32),
+            options={'num_warps': num_warps, 'num_stages': num_stages})
+        shared[kernel.__name__] = compiled.metadata.shared
+    return shared
+
+
 def _main():
+    if sys.argv[1:] == ['compile']:
+        print(_MARKER + json.dumps(compile_for_sm90()))
+        return
     results = {}
     for case_id, args in CASES.items():
         try:
@@ -130,18 +173,24 @@ def _main():
     print(_MARKER + json.dumps(results))
 
 
-@pytest.fixture(scope='module')
-def results():
+def _run_script(*args, **env_vars):
+    """This file as a script in a fresh process; its report."""
     if importlib.util.find_spec('triton') is None:
         pytest.skip('triton is not installed')
     repo = str(Path(__file__).resolve().parents[1])
-    env = dict(os.environ, TRITON_INTERPRET='1')
+    env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
+    env.update(env_vars)
     env['PYTHONPATH'] = os.pathsep.join(p for p in (repo, env.get('PYTHONPATH')) if p)
     proc = subprocess.run(
-        [sys.executable, __file__], env=env, cwd=repo, capture_output=True, text=True, timeout=600)
+        [sys.executable, __file__, *args], env=env, cwd=repo, capture_output=True, text=True, timeout=600)
     lines = [line for line in proc.stdout.splitlines() if line.startswith(_MARKER)]
-    assert proc.returncode == 0 and lines, f'interpreter run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}'
+    assert proc.returncode == 0 and lines, f'script failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}'
     return json.loads(lines[-1][len(_MARKER):])
+
+
+@pytest.fixture(scope='module')
+def results():
+    return _run_script(TRITON_INTERPRET='1')
 
 
 @pytest.mark.parametrize('case_id', list(CASES))
@@ -179,6 +228,16 @@ def test_argument_errors_name_the_expected(results):
     assert messages['stride'] is not None and 'positive int' in messages['stride']
     assert messages['bias_shape'] is not None and '(2,)' in messages['bias_shape']
     assert messages['grad_y_shape'] is not None and '(1, 2, 2, 2)' in messages['grad_y_shape']
+
+
+
+def test_kernels_compile_for_sm90(tmp_path):
+    shared = _run_script('compile', TRITON_CACHE_DIR=str(tmp_path))
+    if 'skip' in shared:
+        pytest.skip(shared['skip'])
+    assert set(shared) == {'_relu_reduce_fwd_kernel', '_relu_reduce_bwd_data_kernel', '_relu_reduce_bwd_weight_kernel'}
+    # Within the 99 KiB a block may use on consumer GPUs (sm_86, sm_89), not only on data-centre ones.
+    assert max(shared.values()) <= 99 * 1024, shared
 
 
 if __name__ == '__main__':

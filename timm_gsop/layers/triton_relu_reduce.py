@@ -32,14 +32,21 @@ __all__ = ['relu_reduce_fwd', 'relu_reduce_bwd_']
 
 
 @triton.jit
-def _row_offsets(rows, hw_out, w_out, stride_b, step_h, step_w):
-    """Element offsets of rows ``m = (b, ho, wo)``; ``step_h``/``step_w`` are the map's strides times the gate's stride."""
-    rows = rows.to(tl.int64)  # B*C*H*W may pass 2**31
+def _row_index(rows, hw_out, w_out):
+    """(b, ho, wo) of rows ``m = (b, ho, wo)`` of the strided map, in 32-bit (fast) integer division."""
     b = rows // hw_out
     r = rows - b * hw_out
     ho = r // w_out
-    wo = r - ho * w_out
-    return b * stride_b + ho * step_h + wo * step_w
+    return b, ho, r - ho * w_out
+
+
+@triton.jit
+def _offsets(b, ho, wo, stride_b, step_h, step_w):
+    """Element offsets of the rows; ``step_h``/``step_w`` are a map's strides times the gate's stride.
+
+    Only the batch term is 64-bit: a whole batch may pass 2**31 elements, one image may not.
+    """
+    return b.to(tl.int64) * stride_b + (ho * step_h + wo * step_w)
 
 
 @triton.jit
@@ -72,8 +79,8 @@ def _relu_reduce_fwd_kernel(
     rk = tl.arange(0, BLOCK_K)
     mask_m = rm < M
     mask_n = rn < D
-    rows = _row_offsets(rm, hw_out, w_out, sx_b, sx_h, sx_w)
-    x_ptrs = x_ptr + rows[:, None] + rk[None, :] * sx_c
+    b, ho, wo = _row_index(rm, hw_out, w_out)
+    x_ptrs = x_ptr + _offsets(b, ho, wo, sx_b, sx_h, sx_w)[:, None] + rk[None, :] * sx_c
     w_ptrs = w_ptr + rk[:, None] * sw_c + rn[None, :] * sw_d
     if ACC_FP64:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64)
@@ -112,8 +119,8 @@ def _relu_reduce_bwd_data_kernel(
     rk = tl.arange(0, BLOCK_K)
     mask_m = rm < M
     mask_c = rc < C
-    g_rows = _row_offsets(rm, hw_out, w_out, sg_b, sg_h, sg_w)
-    g_ptrs = gy_ptr + g_rows[:, None] + rk[None, :] * sg_d
+    b, ho, wo = _row_index(rm, hw_out, w_out)
+    g_ptrs = gy_ptr + _offsets(b, ho, wo, sg_b, sg_h, sg_w)[:, None] + rk[None, :] * sg_d
     w_ptrs = w_ptr + rk[:, None] * sw_d + rc[None, :] * sw_c
     if ACC_FP64:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64)
@@ -128,10 +135,9 @@ def _relu_reduce_bwd_data_kernel(
         g_ptrs += BLOCK_K * sg_d
         w_ptrs += BLOCK_K * sw_d
     mask = mask_m[:, None] & mask_c[None, :]
-    x_rows = _row_offsets(rm, hw_out, w_out, sx_b, sx_h, sx_w)
+    x_rows = _offsets(b, ho, wo, sx_b, sx_h, sx_w)
     x = tl.load(x_ptr + x_rows[:, None] + rc[None, :] * sx_c, mask=mask, other=0.0).to(acc.dtype)
-    gx_rows = _row_offsets(rm, hw_out, w_out, sgx_b, sgx_h, sgx_w)
-    gx_ptrs = gx_ptr + gx_rows[:, None] + rc[None, :] * sgx_c
+    gx_ptrs = gx_ptr + _offsets(b, ho, wo, sgx_b, sgx_h, sgx_w)[:, None] + rc[None, :] * sgx_c
     gx = tl.load(gx_ptrs, mask=mask, other=0.0)
     gx = gx.to(acc.dtype) + tl.where(x > 0, acc, 0.0)
     tl.store(gx_ptrs, gx.to(gx_ptr.dtype.element_ty), mask=mask)
@@ -168,10 +174,11 @@ def _relu_reduce_bwd_weight_kernel(
     for m0 in range(m_start, m_end, BLOCK_M):
         rm = m0 + tl.arange(0, BLOCK_M)
         mask_m = rm < m_end
-        g_rows = _row_offsets(rm, hw_out, w_out, sg_b, sg_h, sg_w)
+        b, ho, wo = _row_index(rm, hw_out, w_out)
+        g_rows = _offsets(b, ho, wo, sg_b, sg_h, sg_w)
         g = tl.load(gy_ptr + rd[:, None] * sg_d + g_rows[None, :], mask=mask_d[:, None] & mask_m[None, :], other=0.0)
         g = _dot_operand(g, x_ptr, acc, UPCAST_DOT)
-        x_rows = _row_offsets(rm, hw_out, w_out, sx_b, sx_h, sx_w)
+        x_rows = _offsets(b, ho, wo, sx_b, sx_h, sx_w)
         a = tl.load(x_ptr + x_rows[:, None] + rc[None, :] * sx_c, mask=mask_m[:, None] & mask_c[None, :], other=0.0)
         a = a.to(acc.dtype)
         a = _dot_operand(tl.where(a < 0, 0.0, a), x_ptr, acc, UPCAST_DOT)
@@ -217,19 +224,19 @@ def _pow2_block(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(n)))
 
 
-def _gemm_blocks(x: Tensor, m: int, n: int, k: int) -> Tuple[int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for an (m x k) @ (k x n) GEMM on x's device.
+def _gemm_blocks(on_cuda: bool, dtype: torch.dtype, m: int, n: int, k: int) -> Tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for an (m x k) @ (k x n) GEMM on operands of ``dtype``.
 
     Fixed sizes, no autotuning (which the interpreter would run slowly). Off CUDA (the interpreter),
     blocks of 16, tl.dot's smallest: few elements to emulate, and the tests' sizes leave partial blocks.
     """
-    if x.device.type != 'cuda':
+    if not on_cuda:
         return 16, 16, 16, 4, 1
-    if x.dtype == torch.float64:
+    if dtype == torch.float64:
         return _pow2_block(m, 16, 64), _pow2_block(n, 16, 64), 16, 4, 2
     block_m = _pow2_block(m, 16, 128)
     block_n = _pow2_block(n, 16, 128)
-    block_k = _pow2_block(k, 16, 64 if x.element_size() <= 2 else 32)
+    block_k = _pow2_block(k, 16, 64 if dtype.itemsize <= 2 else 32)
     return block_m, block_n, block_k, 8 if block_m * block_n >= 128 * 128 else 4, 3
 
 
@@ -266,7 +273,7 @@ def relu_reduce_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: i
         return y.permute(0, 3, 1, 2)
     if channels == 0:  # an empty sum: the bias alone
         return y.copy_(bias if bias is not None else torch.zeros_like(y)).permute(0, 3, 1, 2)
-    block_m, block_n, block_k, num_warps, num_stages = _gemm_blocks(x, rows, dim, channels)
+    block_m, block_n, block_k, num_warps, num_stages = _gemm_blocks(x.is_cuda, x.dtype, rows, dim, channels)
     grid = (triton.cdiv(rows, block_m), triton.cdiv(dim, block_n))
     wrap_triton(_relu_reduce_fwd_kernel)[grid](
         x, weight, bias if bias is not None else weight, y,
@@ -309,7 +316,7 @@ def relu_reduce_bwd_(
     g_strides = (grad_y.stride(0), grad_y.stride(1), grad_y.stride(2), grad_y.stride(3))
     x_strides = (x.stride(0), x.stride(1), x.stride(2) * stride, x.stride(3) * stride)
 
-    block_m, block_n, block_k, num_warps, num_stages = _gemm_blocks(x, rows, channels, dim)
+    block_m, block_n, block_k, num_warps, num_stages = _gemm_blocks(x.is_cuda, x.dtype, rows, channels, dim)
     grid = (triton.cdiv(rows, block_m), triton.cdiv(channels, block_n))
     wrap_triton(_relu_reduce_bwd_data_kernel)[grid](
         grad_y, weight, x, grad_x,
@@ -322,7 +329,7 @@ def relu_reduce_bwd_(
     )
 
     # Weight gradient: output (d, C), reduction over the rows.
-    block_d, block_c, block_r, num_warps, num_stages = _gemm_blocks(x, dim, channels, rows)
+    block_d, block_c, block_r, num_warps, num_stages = _gemm_blocks(x.is_cuda, x.dtype, dim, channels, rows)
     tiles = triton.cdiv(dim, block_d) * triton.cdiv(channels, block_c)
     splits = _num_splits(x, rows, block_r, tiles)
     rows_per_split = triton.cdiv(triton.cdiv(rows, splits), block_r) * block_r
