@@ -190,6 +190,9 @@ def _relu_reduce_bwd_weight_kernel(
     tl.store(gb_ptr + pid_s * D + rd, acc_b, mask=mask_d & (pid_c == 0))
 
 
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 def _check_args(x: Tensor, weight: Tensor, stride: int) -> Tuple[int, int, int, int, int, int, int]:
     if x.dim() != 4:
         raise ValueError(f'relu_reduce: x must be (B, C, H, W), got shape {tuple(x.shape)}.')
@@ -197,6 +200,10 @@ def _check_args(x: Tensor, weight: Tensor, stride: int) -> Tuple[int, int, int, 
         raise ValueError(
             f'relu_reduce: weight must be (d, C) with C = {x.shape[1]} (a 1x1 conv weight viewed 2-D), '
             f'got shape {tuple(weight.shape)}.')
+    if x.dtype not in _DTYPES:
+        raise ValueError(f"relu_reduce: x's dtype must be one of {', '.join(map(str, _DTYPES))}, got {x.dtype}.")
+    if weight.device != x.device:
+        raise ValueError(f'relu_reduce: weight must be on x\'s device {x.device}, got {weight.device}.')
     if not isinstance(stride, int) or stride < 1:
         raise ValueError(f'relu_reduce: stride must be a positive int, got {stride!r}.')
     batch, channels, height, width = x.shape
@@ -208,11 +215,10 @@ def _acc_fp64(x: Tensor) -> bool:
     return x.dtype == torch.float64
 
 
-def _input_precision(x: Tensor) -> str:
-    """tl.dot's input_precision, which only float32 operands heed: TF32 where eager 1x1 convs use it (cuDNN's flag)."""
-    if x.dtype == torch.float64 or (x.dtype == torch.float32 and not torch.backends.cudnn.allow_tf32):
-        return 'ieee'
-    return 'tf32'
+def _input_precision(dtype: torch.dtype) -> str:
+    """tl.dot's input_precision, which only float32 operands heed: TF32 where eager 1x1 convs use it."""
+    tf32 = dtype == torch.float32 and torch.backends.cudnn.allow_tf32 and torch.version.hip is None
+    return 'tf32' if tf32 else 'ieee'
 
 
 def _upcast_dot(x: Tensor) -> bool:
@@ -280,7 +286,7 @@ def relu_reduce_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: i
         rows, channels, dim, h_out * w_out, w_out,
         x.stride(0), x.stride(1), x.stride(2) * stride, x.stride(3) * stride,
         weight.stride(0), weight.stride(1),
-        HAS_BIAS=bias is not None, ACC_FP64=_acc_fp64(x), INPUT_PRECISION=_input_precision(x), UPCAST_DOT=_upcast_dot(x),
+        HAS_BIAS=bias is not None, ACC_FP64=_acc_fp64(x), INPUT_PRECISION=_input_precision(x.dtype), UPCAST_DOT=_upcast_dot(x),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
     )
     return y.permute(0, 3, 1, 2)
@@ -312,7 +318,7 @@ def relu_reduce_bwd_(
     if rows == 0 or channels == 0 or dim == 0:
         return (torch.zeros((dim, channels), device=x.device, dtype=acc_dtype),
                 grad_y.sum((0, 2, 3), dtype=acc_dtype))
-    precision = _input_precision(x)
+    precision = _input_precision(x.dtype)
     g_strides = (grad_y.stride(0), grad_y.stride(1), grad_y.stride(2), grad_y.stride(3))
     x_strides = (x.stride(0), x.stride(1), x.stride(2) * stride, x.stride(3) * stride)
 
