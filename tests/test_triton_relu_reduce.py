@@ -176,24 +176,46 @@ def _main():
     print(_MARKER + json.dumps(results))
 
 
-def _run_script(*args, **env_vars):
-    """This file as a script in a fresh process; its report."""
-    if importlib.util.find_spec('triton') is None:
-        pytest.skip('triton is not installed')
+def _start_script(*args, **env_vars):
+    """This file as a script in a fresh process (both runs start at once: they take a core each)."""
     repo = str(Path(__file__).resolve().parents[1])
     env = {k: v for k, v in os.environ.items() if k != 'TRITON_INTERPRET'}
     env.update(env_vars)
     env['PYTHONPATH'] = os.pathsep.join(p for p in (repo, env.get('PYTHONPATH')) if p)
-    proc = subprocess.run(
-        [sys.executable, __file__, *args], env=env, cwd=repo, capture_output=True, text=True, timeout=600)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith(_MARKER)]
-    assert proc.returncode == 0 and lines, f'script failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}'
+    return subprocess.Popen(
+        [sys.executable, __file__, *args], env=env, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True)
+
+
+def _report(proc):
+    try:
+        stdout, stderr = proc.communicate(timeout=600)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    lines = [line for line in stdout.splitlines() if line.startswith(_MARKER)]
+    assert proc.returncode == 0 and lines, f'script failed:\n{stdout[-3000:]}\n{stderr[-3000:]}'
     return json.loads(lines[-1][len(_MARKER):])
 
 
 @pytest.fixture(scope='module')
-def results():
-    return _run_script(TRITON_INTERPRET='1')
+def scripts(tmp_path_factory):
+    if importlib.util.find_spec('triton') is None:
+        pytest.skip('triton is not installed')
+    procs = {
+        'interpret': _start_script(TRITON_INTERPRET='1'),
+        'compile': _start_script('compile', TRITON_CACHE_DIR=str(tmp_path_factory.mktemp('triton_cache'))),
+    }
+    yield procs
+    for proc in procs.values():
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+@pytest.fixture(scope='module')
+def results(scripts):
+    return _report(scripts['interpret'])
 
 
 @pytest.mark.parametrize('case_id', list(CASES))
@@ -235,8 +257,8 @@ def test_argument_errors_name_the_expected(results):
 
 
 
-def test_kernels_compile_for_sm90(tmp_path):
-    shared = _run_script('compile', TRITON_CACHE_DIR=str(tmp_path))
+def test_kernels_compile_for_sm90(scripts):
+    shared = _report(scripts['compile'])
     if 'skip' in shared:
         pytest.skip(shared['skip'])
     assert set(shared) == {'_relu_reduce_fwd_kernel', '_relu_reduce_bwd_data_kernel', '_relu_reduce_bwd_weight_kernel'}
