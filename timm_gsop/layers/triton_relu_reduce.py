@@ -286,7 +286,8 @@ def relu_reduce_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: i
         rows, channels, dim, h_out * w_out, w_out,
         x.stride(0), x.stride(1), x.stride(2) * stride, x.stride(3) * stride,
         weight.stride(0), weight.stride(1),
-        HAS_BIAS=bias is not None, ACC_FP64=_acc_fp64(x), INPUT_PRECISION=_input_precision(x.dtype), UPCAST_DOT=_upcast_dot(x),
+        HAS_BIAS=bias is not None, ACC_FP64=_acc_fp64(x), INPUT_PRECISION=_input_precision(x.dtype),
+        UPCAST_DOT=_upcast_dot(x),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
     )
     return y.permute(0, 3, 1, 2)
