@@ -195,13 +195,16 @@ def _report(proc):
 
 
 @pytest.fixture(scope='module')
-def scripts(tmp_path_factory):
+def scripts(request, tmp_path_factory):
     if importlib.util.find_spec('triton') is None:
         pytest.skip('triton is not installed')
-    procs = {
-        'interpret': _start_script(TRITON_INTERPRET='1'),
-        'compile': _start_script('compile', TRITON_CACHE_DIR=str(tmp_path_factory.mktemp('triton_cache'))),
-    }
+    selected = {item.originalname for item in request.session.items}
+    procs = {}
+    if selected & {'test_matches_eager', 'test_grad_x_added_in_place_only_where_relu_passes',
+                   'test_argument_errors_name_the_expected'}:
+        procs['interpret'] = _start_script(TRITON_INTERPRET='1')
+    if 'test_kernels_compile_for_sm90' in selected:
+        procs['compile'] = _start_script('compile', TRITON_CACHE_DIR=str(tmp_path_factory.mktemp('triton_cache')))
     yield procs
     for proc in procs.values():
         if proc.poll() is None:
