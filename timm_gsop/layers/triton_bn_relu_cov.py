@@ -49,6 +49,21 @@ def _load_tile(base, c, m, D, M, W, s_c, s_h, s_w, dtype, FLAT_HW: tl.constexpr)
 
 
 @triton.jit
+def _load_bn(mean_ptr, scale_ptr, bias_ptr, c, D):
+    """Per-channel mean, scale (invstd * weight) and bias; zero outside the channels."""
+    mask = c < D
+    return (tl.load(mean_ptr + c, mask=mask, other=0.), tl.load(scale_ptr + c, mask=mask, other=0.),
+            tl.load(bias_ptr + c, mask=mask, other=0.))
+
+
+@triton.jit
+def _bn_relu(y, mean, scale, bias):
+    """relu((y - mean) * scale + bias) on a (channels, positions) tile. Centring first keeps z exact to
+    rounding where a channel's mean is large against its spread (a folded y * scale + shift would cancel)."""
+    return tl.maximum((y - mean[:, None]) * scale[:, None] + bias[:, None], 0.)
+
+
+@triton.jit
 def _channel_stats_kernel(
         y_ptr, mean_ptr, m2_ptr,
         D, M, W, s_yb, s_yc, s_yh, s_yw,
@@ -84,12 +99,12 @@ def _channel_stats_kernel(
 
 @triton.jit
 def _bn_relu_cov_fwd_kernel(
-        y_ptr, scale_ptr, shift_ptr, cov_ptr, zmean_ptr,
+        y_ptr, mean_ptr, scale_ptr, bias_ptr, cov_ptr, zmean_ptr,
         D, M, W, s_yb, s_yc, s_yh, s_yw,
         FLAT_HW: tl.constexpr, ONE_TILE: tl.constexpr, PRECISION: tl.constexpr,
         BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
-    """One (BLOCK_D x BLOCK_D) tile of one sample's covariance of z = relu(y * scale + shift).
+    """One (BLOCK_D x BLOCK_D) tile of one sample's covariance of z = relu(bn(y)).
 
     The K loop runs over positions. Each channel's z is first shifted by a reference value, the
     mean of its first BLOCK_M positions: the Gram matrix of the shifted values minus the outer
@@ -104,16 +119,14 @@ def _bn_relu_cov_fwd_kernel(
     offs_m = tl.arange(0, BLOCK_M)
     count_first = tl.sum((offs_m < M).to(dtype), axis=0)
 
-    scale_i = tl.load(scale_ptr + ci, mask=ci < D, other=0.)
-    shift_i = tl.load(shift_ptr + ci, mask=ci < D, other=0.)
+    mean_i, scale_i, bias_i = _load_bn(mean_ptr, scale_ptr, bias_ptr, ci, D)
     y, _ = _load_tile(y_base, ci, offs_m, D, M, W, s_yc, s_yh, s_yw, dtype, FLAT_HW)
-    z = tl.maximum(y * scale_i[:, None] + shift_i[:, None], 0.)
+    z = _bn_relu(y, mean_i, scale_i, bias_i)
     ref_i = tl.sum(tl.where(offs_m[None, :] < M, z, 0.), axis=1) / count_first
     if not ONE_TILE:
-        scale_j = tl.load(scale_ptr + cj, mask=cj < D, other=0.)
-        shift_j = tl.load(shift_ptr + cj, mask=cj < D, other=0.)
+        mean_j, scale_j, bias_j = _load_bn(mean_ptr, scale_ptr, bias_ptr, cj, D)
         y, _ = _load_tile(y_base, cj, offs_m, D, M, W, s_yc, s_yh, s_yw, dtype, FLAT_HW)
-        z = tl.maximum(y * scale_j[:, None] + shift_j[:, None], 0.)
+        z = _bn_relu(y, mean_j, scale_j, bias_j)
         ref_j = tl.sum(tl.where(offs_m[None, :] < M, z, 0.), axis=1) / count_first
 
     gram = tl.zeros((BLOCK_D, BLOCK_D), dtype=dtype)
@@ -122,25 +135,25 @@ def _bn_relu_cov_fwd_kernel(
     for m0 in range(0, M, BLOCK_M):
         m = m0 + offs_m
         y, mask = _load_tile(y_base, ci, m, D, M, W, s_yc, s_yh, s_yw, dtype, FLAT_HW)
-        zi = tl.where(mask, tl.maximum(y * scale_i[:, None] + shift_i[:, None], 0.) - ref_i[:, None], 0.)
+        zi = tl.where(mask, _bn_relu(y, mean_i, scale_i, bias_i) - ref_i[:, None], 0.)
         sum_i += tl.sum(zi, axis=1)
         if ONE_TILE:
             gram = tl.dot(zi, tl.trans(zi), gram, input_precision=PRECISION)
         else:
             y, mask = _load_tile(y_base, cj, m, D, M, W, s_yc, s_yh, s_yw, dtype, FLAT_HW)
-            zj = tl.where(mask, tl.maximum(y * scale_j[:, None] + shift_j[:, None], 0.) - ref_j[:, None], 0.)
+            zj = tl.where(mask, _bn_relu(y, mean_j, scale_j, bias_j) - ref_j[:, None], 0.)
             sum_j += tl.sum(zj, axis=1)
             gram = tl.dot(zi, tl.trans(zj), gram, input_precision=PRECISION)
-    mean_i = sum_i / M
+    shifted_mean_i = sum_i / M
     if ONE_TILE:
-        mean_j = mean_i
+        shifted_mean_j = shifted_mean_i
     else:
-        mean_j = sum_j / M
-    cov = gram / M - mean_i[:, None] * mean_j[None, :]
+        shifted_mean_j = sum_j / M
+    cov = gram / M - shifted_mean_i[:, None] * shifted_mean_j[None, :]
     tl.store(cov_ptr + b * D * D + ci[:, None] * D + cj[None, :], cov,
              mask=(ci[:, None] < D) & (cj[None, :] < D))
     # The first column of tiles writes the mean of z (the other columns hold the same values).
-    tl.store(zmean_ptr + b * D + ci, ref_i + mean_i, mask=(ci < D) & (tl.program_id(2) == 0))
+    tl.store(zmean_ptr + b * D + ci, ref_i + shifted_mean_i, mask=(ci < D) & (tl.program_id(2) == 0))
 
 
 @triton.jit
@@ -154,7 +167,7 @@ def _sym_grad_tile(g_base, ci, ck, D, s_gr, s_gc, dtype):
 
 @triton.jit
 def _bn_relu_cov_bwd_kernel(
-        gc_ptr, y_ptr, zmean_ptr, mean_ptr, invstd_ptr, scale_ptr, shift_ptr, coef_ptr,
+        gc_ptr, y_ptr, zmean_ptr, mean_ptr, invstd_ptr, scale_ptr, bias_ptr, coef_ptr,
         gy_ptr, sum_ptr, sum_xhat_ptr,
         D, M, W, s_yb, s_yc, s_yh, s_yw, s_gyb, s_gyc, s_gyh, s_gyw, s_gb, s_gr, s_gc,
         FLAT_HW: tl.constexpr, ONE_TILE: tl.constexpr, PRECISION: tl.constexpr,
@@ -176,10 +189,8 @@ def _bn_relu_cov_bwd_kernel(
     gy_base = gy_ptr + b * s_gyb
     g_base = gc_ptr + b * s_gb
     cmask = ci < D
-    scale_i = tl.load(scale_ptr + ci, mask=cmask, other=0.)
-    shift_i = tl.load(shift_ptr + ci, mask=cmask, other=0.)
+    mean_i, scale_i, bias_i = _load_bn(mean_ptr, scale_ptr, bias_ptr, ci, D)
     zmean_i = tl.load(zmean_ptr + b * D + ci, mask=cmask, other=0.)
-    mean_i = tl.load(mean_ptr + ci, mask=cmask, other=0.)
     invstd_i = tl.load(invstd_ptr + ci, mask=cmask, other=0.)
     if WRITE_GRAD:
         c1 = tl.load(coef_ptr + ci, mask=cmask, other=0.)
@@ -194,7 +205,7 @@ def _bn_relu_cov_bwd_kernel(
     for m0 in range(0, M, BLOCK_M):
         m = m0 + offs_m
         y, mask = _load_tile(y_base, ci, m, D, M, W, s_yc, s_yh, s_yw, dtype, FLAT_HW)
-        z = tl.maximum(y * scale_i[:, None] + shift_i[:, None], 0.)
+        z = _bn_relu(y, mean_i, scale_i, bias_i)
         if ONE_TILE:
             zc = tl.where(mask, z - zmean_i[:, None], 0.)
             grad_z = tl.dot(g, zc, input_precision=PRECISION)
@@ -202,11 +213,10 @@ def _bn_relu_cov_bwd_kernel(
             grad_z = tl.zeros((BLOCK_D, BLOCK_M), dtype=dtype)
             for k0 in range(0, D, BLOCK_D):
                 ck = k0 + offs_d
-                scale_k = tl.load(scale_ptr + ck, mask=ck < D, other=0.)
-                shift_k = tl.load(shift_ptr + ck, mask=ck < D, other=0.)
+                mean_k, scale_k, bias_k = _load_bn(mean_ptr, scale_ptr, bias_ptr, ck, D)
                 zmean_k = tl.load(zmean_ptr + b * D + ck, mask=ck < D, other=0.)
                 yk, mask_k = _load_tile(y_base, ck, m, D, M, W, s_yc, s_yh, s_yw, dtype, FLAT_HW)
-                zk = tl.where(mask_k, tl.maximum(yk * scale_k[:, None] + shift_k[:, None], 0.) - zmean_k[:, None], 0.)
+                zk = tl.where(mask_k, _bn_relu(yk, mean_k, scale_k, bias_k) - zmean_k[:, None], 0.)
                 gk = _sym_grad_tile(g_base, ci, ck, D, s_gr, s_gc, dtype)
                 grad_z = tl.dot(gk, zk, grad_z, input_precision=PRECISION)
         # z is 0 outside the map, so the ReLU's mask also clears the padding.
@@ -261,12 +271,12 @@ def _check_map(y: Tensor) -> None:
 def _fold_affine(
         mean: Tensor, invstd: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], dtype: torch.dtype,
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(mean, invstd, scale, shift) in ``dtype`` with bn(y) = y * scale + shift."""
-    mean = mean.to(dtype)
-    invstd = invstd.to(dtype)
+    """(mean, invstd, scale, bias) in ``dtype`` with bn(y) = (y - mean) * scale + bias."""
+    mean = mean.to(dtype).contiguous()
+    invstd = invstd.to(dtype).contiguous()
     scale = invstd if weight is None else invstd * weight.to(dtype)
-    shift = -mean * scale if bias is None else bias.to(dtype) - mean * scale
-    return mean.contiguous(), invstd.contiguous(), scale.contiguous(), shift.contiguous()
+    bias = torch.zeros_like(mean) if bias is None else bias.to(dtype).contiguous()
+    return mean, invstd, scale.contiguous(), bias
 
 
 def channel_stats(y: Tensor, *, block_m: int = 32) -> Tuple[Tensor, Tensor]:
@@ -322,13 +332,13 @@ def bn_relu_cov_fwd(
     B, D, H, W = y.shape
     M = H * W
     dtype = _compute_dtype(y)
-    _, _, scale, shift = _fold_affine(mean, invstd, weight, bias, dtype)
+    mean, _, scale, bias = _fold_affine(mean, invstd, weight, bias, dtype)
     block_d = _block_d(D, block_d)
     tiles = triton.cdiv(D, block_d)
     cov = torch.empty((B, D, D), device=y.device, dtype=dtype)
     zmean = torch.empty((B, D), device=y.device, dtype=dtype)
     wrap_triton(_bn_relu_cov_fwd_kernel)[(B, tiles, tiles)](
-        y, scale, shift, cov, zmean, D, M, W, *_map_strides(y),
+        y, mean, scale, bias, cov, zmean, D, M, W, *_map_strides(y),
         FLAT_HW=_flat_hw(y), ONE_TILE=tiles == 1, PRECISION=_dot_precision(y),
         BLOCK_D=block_d, BLOCK_M=block_m, **_launch_options(block_d, num_stages=2))
     return cov, zmean
@@ -365,7 +375,7 @@ def bn_relu_cov_bwd(
     B, D, H, W = y.shape
     M = H * W
     dtype = _compute_dtype(y)
-    mean, invstd, scale, shift = _fold_affine(mean, invstd, weight, bias, dtype)
+    mean, invstd, scale, bias = _fold_affine(mean, invstd, weight, bias, dtype)
     zmean = zmean.to(dtype).contiguous()
     block_d = _block_d(D, block_d)
     tiles = triton.cdiv(D, block_d)
@@ -380,7 +390,7 @@ def bn_relu_cov_bwd(
 
     def launch(coef: Tensor, write_sums: bool, write_grad: bool) -> None:
         kernel(
-            grad_cov, y, zmean, mean, invstd, scale, shift, coef, grad_y, sum_grad, sum_grad_xhat,
+            grad_cov, y, zmean, mean, invstd, scale, bias, coef, grad_y, sum_grad, sum_grad_xhat,
             D, M, W, *_map_strides(y), *_map_strides(grad_y), *grad_cov.stride(),
             WRITE_SUMS=write_sums, WRITE_GRAD=write_grad, **shared)
 
