@@ -30,10 +30,10 @@ CASES = {
     'f64_cl_d12_7x5_b3_train': (3, 12, 7, 5, 'float64', True, True, None, {}),
     # Two channel tiles with a partial second one, and positions in several blocks.
     'f32_cl_d24_7x5_b1_train_tiles16': (1, 24, 7, 5, 'float32', True, True, None, dict(block_d=16)),
-    # A slice: H and W do not merge into one stride.
+    # Slices: H and W do not merge into one stride; the covariance's gradient is strided too.
     'f32_strided_d12_7x5_b3_train': (3, 12, 7, 5, 'float32', False, True, 'strided', {}),
     'f32_nchw_d12_7x5_b3_train_dead_channel': (3, 12, 7, 5, 'float32', False, True, 'dead_channel', {}),
-    # z's mean 100x its spread: a Gram minus the outer product of means would cancel every digit.
+    # z's mean 100x its spread (a Gram minus the outer product of means would cancel most digits), y's 600x.
     'f32_cl_d12_7x5_b3_eval_large_mean': (3, 12, 7, 5, 'float32', True, False, 'large_mean', {}),
     'f32_nchw_d12_7x5_b3_train_constant': (3, 12, 7, 5, 'float32', False, True, 'constant', {}),
 }
@@ -56,6 +56,9 @@ def _make_case(batch, channels, h, w, dtype, channels_last, training, variant):
     elif variant == 'large_mean':
         weight.fill_(0.01)
         bias.fill_(1.)
+        # A map far from zero too: E[y^2] - E[y]^2 in float32 would lose the variance.
+        y += 1000.
+        running_mean += 1000.
     elif variant == 'constant':
         y = torch.full_like(y, 0.75)
     y = y.to(getattr(torch, dtype))
@@ -100,8 +103,11 @@ def _run_case(case_id):
     else:
         stat_mean, invstd = running_mean.to(compute), (running_var.to(compute) + EPS).rsqrt()
     cov, zmean = bn_relu_cov_fwd(y, stat_mean, invstd, weight, bias, **keywords)
+    grad_cov = grad_cov.to(compute)
+    if variant == 'strided':
+        grad_cov = torch.stack([grad_cov, torch.full_like(grad_cov, float('nan'))], dim=3).flatten(2)[:, :, ::2]
     grad_y, grad_weight, grad_bias = bn_relu_cov_bwd(
-        grad_cov.to(compute), y, zmean, stat_mean, invstd, weight, bias, training, **keywords)
+        grad_cov, y, zmean, stat_mean, invstd, weight, bias, training, **keywords)
     out = dict(mean=mean, var=var, cov=cov, zmean=zmean, grad_y=grad_y, grad_weight=grad_weight, grad_bias=grad_bias)
     report = {'finite': all(bool(t.isfinite().all()) for t in out.values())}
     for name in OUTPUTS:
