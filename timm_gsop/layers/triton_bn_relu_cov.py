@@ -17,8 +17,8 @@ CUDA tensors, and on CPU tensors under Triton's interpreter (``TRITON_INTERPRET=
 
 Precision: statistics, sums and products accumulate in float32 (float64 for a float64 ``y``). The
 products' operands are float32 too: exact (``'ieee'``) for float32 and float64 maps; TF32 on a GPU for
-bfloat16 / float16 maps, whose own rounding is coarser than TF32's (Triton's interpreter computes
-them exactly).
+bfloat16 / float16 maps, which carry no more mantissa bits than TF32 (Triton's interpreter computes
+these products exactly).
 """
 from typing import Optional, Tuple
 
