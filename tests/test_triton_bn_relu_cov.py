@@ -28,6 +28,9 @@ CASES = {
     'bf16_cl_d24_11x9_b3_train': (3, 24, 11, 9, 'bfloat16', True, True, None, {}),
     'bf16_nchw_d12_7x5_b3_eval': (3, 12, 7, 5, 'bfloat16', False, False, None, {}),
     'f64_cl_d12_7x5_b3_train': (3, 12, 7, 5, 'float64', True, True, None, {}),
+    'f16_cl_d12_7x5_b1_train': (1, 12, 7, 5, 'float16', True, True, None, {}),
+    # BatchNorm without affine parameters: weight and bias None (their gradients are still returned).
+    'f32_nchw_d12_7x5_b1_eval_no_affine': (1, 12, 7, 5, 'float32', False, False, 'no_affine', {}),
     # Two channel tiles with a partial second one, and positions in several blocks.
     'f32_cl_d24_7x5_b1_train_tiles16': (1, 24, 7, 5, 'float32', True, True, None, dict(block_d=16)),
     # Slices: H and W do not merge into one stride; the covariance's gradient is strided too.
@@ -38,8 +41,8 @@ CASES = {
     'f32_nchw_d12_7x5_b3_train_constant': (3, 12, 7, 5, 'float32', False, True, 'constant', {}),
 }
 # Relative error bound (of the largest reference value) per dtype. The interpreter computes the
-# products exactly; bfloat16 maps round grad_y to bfloat16.
-TOLERANCE = {'float32': 1e-4, 'bfloat16': 2e-2, 'float64': 1e-10}
+# products exactly; bfloat16 / float16 maps round grad_y to their dtype.
+TOLERANCE = {'float32': 1e-4, 'bfloat16': 2e-2, 'float16': 5e-3, 'float64': 1e-10}
 OUTPUTS = ('mean', 'var', 'cov', 'zmean', 'grad_y', 'grad_weight', 'grad_bias')
 
 
@@ -61,6 +64,9 @@ def _make_case(batch, channels, h, w, dtype, channels_last, training, variant):
         running_mean += 1000.
     elif variant == 'constant':
         y = torch.full_like(y, 0.75)
+    elif variant == 'no_affine':
+        weight.fill_(1.)
+        bias.zero_()
     y = y.to(getattr(torch, dtype))
     if variant == 'strided':
         y = torch.cat([y, y], dim=3)[:, :, :, ::2]
@@ -102,6 +108,8 @@ def _run_case(case_id):
         stat_mean, invstd = mean, (var + EPS).rsqrt()
     else:
         stat_mean, invstd = running_mean.to(compute), (running_var.to(compute) + EPS).rsqrt()
+    if variant == 'no_affine':
+        weight = bias = None
     cov, zmean = bn_relu_cov_fwd(y, stat_mean, invstd, weight, bias, **keywords)
     grad_cov = grad_cov.to(compute)
     if variant == 'strided':
