@@ -176,3 +176,20 @@ def test_bad_net2_and_cifar_arguments_name_the_argument():
     # The values each model does use are accepted, and stored where the classifier reset finds them.
     net2 = timm.create_model('gsop2_resnet50', device='meta', cov_dim=64, sqrt_iters=5, attn_dim=32)
     assert (net2.global_pool.cov_dim, net2.global_pool.num_iter, net2.attn_dim) == (64, 5, 32)
+
+
+def test_forward_code_is_written_once():
+    # The two families share the forward passes and the bottleneck's residual end (in _base.py), and the CIFAR
+    # file uses nothing of the ImageNet file.
+    import ast
+    import inspect
+    from timm_gsop.models import GSoPBottleneck, GSoPPreActBottleneck, GSoPResNet, GSoPResNetCifar, gsop_resnet_cifar
+    shared = ('forward', 'forward_features', 'forward_intermediates', 'prune_intermediate_layers', 'forward_head')
+    for cls in (GSoPResNet, GSoPResNetCifar):
+        assert not set(shared) & set(vars(cls)), cls
+        assert set(vars(cls)) >= {'forward_stem', '__init__', 'group_matcher'}
+    for cls in (GSoPBottleneck, GSoPPreActBottleneck):
+        assert 'add_shortcut' not in vars(cls) and 'init_residual' not in vars(cls)
+    tree = ast.parse(inspect.getsource(gsop_resnet_cifar))
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert 'gsop_resnet' not in imported and not any(m and m.endswith('.gsop_resnet') for m in imported)

@@ -83,15 +83,8 @@ class GSoPBottleneckBase(nn.Module):
     """
     expansion = 4
 
-    def init_residual(
-            self,
-            outplanes: int,
-            downsample: Optional[nn.Module],
-            attn_layer: Optional[Callable[..., nn.Module]],
-            drop_path: float,
-            device=None,
-            dtype=None,
-    ) -> None:
+    def init_residual(self, outplanes: int, downsample: Optional[nn.Module],
+                      attn_layer: Optional[Callable[..., nn.Module]], drop_path: float, device=None, dtype=None) -> None:
         """Called by the subclass after its convs (the parameters' order, and so a seed's init, follows)."""
         self.attn = attn_layer(outplanes, device=device, dtype=dtype) if attn_layer is not None else None
         self.downsample = downsample
@@ -368,10 +361,6 @@ class GSoPNet(nn.Module):
         """The stem, up to its feature map (feature index 0); defined by each model."""
         raise NotImplementedError
 
-    def stages(self) -> List[nn.Module]:
-        """``layer1``, ``layer2``...: the stages, in order."""
-        return [getattr(self, f'layer{i + 1}') for i in range(len(self.channels))]
-
     def forward_intermediates(
             self,
             x: Tensor,
@@ -393,7 +382,7 @@ class GSoPNet(nn.Module):
         if 0 in take_indices:
             intermediates.append(x)
         x = self.maxpool(x)
-        stages = self.stages()
+        stages = [getattr(self, f'layer{i + 1}') for i in range(len(self.channels))]
         for feat_idx, stage in enumerate(stages[:max_index] if stop_early else stages, start=1):
             x = checkpoint_seq(stage, x) if self.grad_checkpointing else stage(x)
             feat = x
