@@ -274,3 +274,11 @@ def test_unreadable_checkpoints_are_one_line_errors(demo, tmp_path, capsys, kind
     if kind == 'integer key':
         with pytest.raises(CheckpointError, match=re.escape(UNREADABLE[kind])):
             timm.create_model('gsop_resnet50', **DEMO).load_state_dict(torch.load(path)['state_dict'])
+
+
+def test_pretrained_file_into_other_input_channels(demo):
+    # timm adapts a 3-channel stem to in_chans=1 (the sum over the colour channels) after the filter.
+    model = timm.create_model('gsop_resnet50', pretrained=True, in_chans=1, pretrained_cfg_overlay=dict(
+        file=str(demo['path'])), **DEMO)
+    torch.testing.assert_close(model.conv1.weight, demo['model'].conv1.weight.sum(1, keepdim=True))
+    torch.testing.assert_close(model.fc.weight, demo['model'].fc.weight, rtol=0, atol=0)

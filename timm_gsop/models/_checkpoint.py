@@ -13,7 +13,7 @@ import re
 import shlex
 import stat
 from dataclasses import dataclass, replace
-from typing import Any, Dict, Mapping, Optional, Tuple, Type
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Type
 
 import torch
 from torch import Tensor, nn
@@ -306,22 +306,18 @@ def _how_to_fit(ckpt: StateDictArch, model: StateDictArch, model_name: str, chec
     return text
 
 
-def check_state_dict_fits(
-        state_dict: Mapping[str, Any],
-        model: nn.Module,
-        check_classifier: bool = True,
-        model_name: Optional[str] = None,
-        cli: bool = False,
-        path: Optional[str] = None,
-) -> None:
+def check_state_dict_fits(state_dict: Mapping[str, Any], model: nn.Module, check_classifier: bool = True,
+                          model_name: Optional[str] = None, cli: bool = False, path: Optional[str] = None,
+                          ignore: Sequence[str] = ()) -> None:
     """Raise a CheckpointError when ``state_dict`` does not load strictly into ``model``.
 
     The message sets the checkpoint's architecture (layers, attn_mode, attn_dim, num_classes) beside the
     model's and says what to pass: ``timm.create_model`` keywords, or with ``cli`` train.py/validate.py and
     export flags (``--model``, ``--model-kwargs``, ``--num-classes``); for other classes also how to
-    fine-tune from it (``path``: the checkpoint's file). ``check_classifier=False`` leaves out ``fc.*``."""
+    fine-tune from it (``path``: the checkpoint's file). ``check_classifier=False`` leaves out ``fc.*``,
+    ``ignore`` other keys."""
     target = model.state_dict()
-    skip = () if check_classifier else ('fc.weight', 'fc.bias')
+    skip = tuple(ignore) + (() if check_classifier else ('fc.weight', 'fc.bias'))
     # PyTorch 0.4 checkpoints have no BN step counters; they do not change outputs and torch fills them in.
     missing = [k for k in target if k not in state_dict and k not in skip and not k.endswith('num_batches_tracked')]
     unexpected = [k for k in state_dict if k not in target and k not in skip]
@@ -348,20 +344,19 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: nn.Module) -> Dict[s
 
     A classifier of other classes than the model's is replaced by the model's new one (fine-tuning)."""
     _, state_dict = state_dict_from_checkpoint(state_dict)
-    check_state_dict_fits(state_dict, model, check_classifier=False)
+    stem, own_stem = state_dict.get('conv1.weight'), model.state_dict().get('conv1.weight')
+    # timm adapts the stem to other in_chans after the filter
+    adapted = stem is not None and own_stem is not None and stem.shape[1] != own_stem.shape[1] and (
+        stem.shape[:1] + stem.shape[2:] == own_stem.shape[:1] + own_stem.shape[2:])
+    check_state_dict_fits(state_dict, model, check_classifier=False, ignore=('conv1.weight',) if adapted else ())
     own = {k: v for k, v in model.state_dict().items() if k.startswith('fc.')}
     if any(k not in own or v.shape != own[k].shape for k, v in state_dict.items() if k.startswith('fc.')):
         state_dict = dict({k: v for k, v in state_dict.items() if not k.startswith('fc.')}, **own)
     return state_dict
 
 
-def create_gsop_model(
-        model_cls: Type[nn.Module],
-        variant: str,
-        pretrained: bool = False,
-        feature_cfg: Optional[Dict[str, Any]] = None,
-        **kwargs,
-) -> nn.Module:
+def create_gsop_model(model_cls: Type[nn.Module], variant: str, pretrained: bool = False,
+                      feature_cfg: Optional[Dict[str, Any]] = None, **kwargs) -> nn.Module:
     """``build_model_with_cfg`` for the GSoP family, with the checkpoint filter.
 
     No weights are published: ``pretrained=True`` needs a file (``pretrained_cfg_overlay=dict(file=...)``,
