@@ -137,7 +137,19 @@ BAD_ARGS = [
     (dict(drop_path_rate=-0.1), 'drop_path_rate'),
     (dict(min_input_size=0), 'min_input_size'),
     (dict(zero_init_last='yes'), 'zero_init_last'),
-    (dict(attn_mode='chanel'), "valid: 'channel', 'position'"),
+    (dict(attn_mode='chanel'), "valid: 'channel', 'position'.*or 'none' for the backbone"),
+    (dict(last_stride=2.0), 'last_stride must be 1 or 2'),
+    (dict(act_layer='foo'), "act_layer='foo' is not a layer class or one of timm's names: .*relu"),
+    (dict(norm_layer='foo'), "norm_layer='foo' is not a layer class or one of timm's names: .*batchnorm"),
+    (dict(act_layer=3), 'act_layer=3'),
+    # What no GSoP-Net is, refused before anything is allocated:
+    (dict(attn_dim=30000), r"attn_dim must be an integer in \[1, 2048\] \(the widest stage's channels\)"),
+    (dict(layers=(1000000, 1, 1, 1)), r'layers\[0\] must be an integer in \[1, 1000\]'),
+    (dict(num_classes=10 ** 11), r'num_classes must be an integer in \[0, 1000000\]'),
+    (dict(num_classes=1e11), 'num_classes'),
+    (dict(in_chans=10 ** 6), r'in_chans must be an integer in \[1, 4096\]'),
+    (dict(global_pool='isqrt', cov_dim=10 ** 5), r'cov_dim must be an integer in \[1, 2048\]'),
+    (dict(global_pool='isqrt', sqrt_iters=10 ** 6), r'sqrt_iters must be an integer in \[1, 100\]'),
     # Arguments the model would ignore:
     (dict(cov_dim=128), "cov_dim sets the iSQRT-COV pool.*no effect with global_pool='avg'"),
     (dict(sqrt_iters=5), "sqrt_iters sets the iSQRT-COV pool"),
@@ -157,8 +169,27 @@ def test_bad_net2_and_cifar_arguments_name_the_argument():
             timm.create_model('gsop2_resnet50', device='meta', **kwargs)
     with pytest.raises(ValueError, match='stem_chs'):
         timm.create_model('gsop_resnet164_cifar', device='meta', stem_chs=0)
+    with pytest.raises(ValueError, match=r"attn_dim must be an integer in \[1, 256\]"):  # CIFAR's widest stage
+        timm.create_model('gsop_resnet164_cifar', device='meta', attn_dim=512)
     with pytest.raises(ValueError, match='3 stages'):
         timm.create_model('gsop_resnet164_cifar', device='meta', layers=(18, 18, 18, 18))
     # The values each model does use are accepted, and stored where the classifier reset finds them.
     net2 = timm.create_model('gsop2_resnet50', device='meta', cov_dim=64, sqrt_iters=5, attn_dim=32)
     assert (net2.global_pool.cov_dim, net2.global_pool.num_iter, net2.attn_dim) == (64, 5, 32)
+
+
+def test_forward_code_is_written_once():
+    # The two families share the forward passes and the bottleneck's residual end (in _base.py), and the CIFAR
+    # file uses nothing of the ImageNet file.
+    import ast
+    import inspect
+    from timm_gsop.models import GSoPBottleneck, GSoPPreActBottleneck, GSoPResNet, GSoPResNetCifar, gsop_resnet_cifar
+    shared = ('forward', 'forward_features', 'forward_intermediates', 'prune_intermediate_layers', 'forward_head')
+    for cls in (GSoPResNet, GSoPResNetCifar):
+        assert not set(shared) & set(vars(cls)), cls
+        assert set(vars(cls)) >= {'forward_stem', '__init__', 'group_matcher'}
+    for cls in (GSoPBottleneck, GSoPPreActBottleneck):
+        assert 'add_shortcut' not in vars(cls) and 'init_residual' not in vars(cls)
+    tree = ast.parse(inspect.getsource(gsop_resnet_cifar))
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert 'gsop_resnet' not in imported and not any(m and m.endswith('.gsop_resnet') for m in imported)

@@ -397,7 +397,7 @@ def test_error_wrong_architecture(net2_checkpoint, net1_run, tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 1 and 'does not fit this gsop_resnet50 model' in err
     assert "checkpoint: layers=(3, 4, 6, 3), attn_mode='fusion_concat', attn_dim=16, num_classes=7 (GSoP-Net2" in err
-    assert 'Export it as it was trained: --model gsop2_resnet50' in err
+    assert 'Pass the arguments it was trained with: --model gsop2_resnet50' in err
     assert 'missing keys (' in err and 'layer4.2.attn.' in err and 'global_pool.conv_reduce.weight' in err
     # an attention mode the weights were not trained with
     rc = cli.main(['export', str(net1_run['checkpoint']), str(tmp_path / 'out'), '--model', 'gsop_resnet50',

@@ -15,7 +15,7 @@ from torch import nn
 
 from timm.models._hub import generate_readme
 
-from ..models._state_dict import StateDictArch, inspect_state_dict
+from ..models._checkpoint import StateDictArch, inspect_state_dict
 from .run import LoadedCheckpoint, TrainRun
 
 __all__ = ['model_card', 'measure', 'CITATION']

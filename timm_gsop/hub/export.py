@@ -27,7 +27,7 @@ import timm
 from huggingface_hub import HfApi
 from timm.data import resolve_data_config, resolve_model_data_config
 
-from ..models._state_dict import CheckpointError, check_state_dict_fits, inspect_state_dict
+from ..models._checkpoint import CheckpointError, check_state_dict_fits, inspect_state_dict
 from .card import OFFICIAL_CODE_URL, model_card
 from .folder import ALLOWED_FILES, StagedFolder
 from .messages import ExportError, Reporter
@@ -108,9 +108,9 @@ def build_model_from_checkpoint(
         raise ExportError(f'cannot create {model_name} with {kwargs}: {e}') from e
     try:
         check_state_dict_fits(checkpoint.state_dict, model, model_name=model_name, cli=True)
+        model.load_state_dict(checkpoint.state_dict, strict=True)
     except CheckpointError as e:
         raise ExportError(f'{checkpoint.path}: {e}') from e
-    model.load_state_dict(checkpoint.state_dict, strict=True)
     return model.eval(), kwargs
 
 

@@ -74,7 +74,10 @@ def read_checkpoint(path: PathLike) -> LoadedCheckpoint:
         ) from e
     if not isinstance(checkpoint, dict):
         raise ExportError(f'checkpoint {path} holds a {type(checkpoint).__name__}, not a dict of weights')
-    source, state_dict = state_dict_from_checkpoint(checkpoint)
+    try:
+        source, state_dict = state_dict_from_checkpoint(checkpoint)
+    except CheckpointError as e:
+        raise ExportError(f'{path}: {e}') from e
     if not state_dict or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise ExportError(
             f'checkpoint {path} holds no state dict: expected tensors under "state_dict_ema", "state_dict" or '

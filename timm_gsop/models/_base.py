@@ -1,27 +1,67 @@
-"""What the GSoP-Nets share: argument checks, the stage builder, the head and timm's classifier API.
+"""What the GSoP-Nets share: argument checks, the bottleneck's residual end, the stage builder, the
+forward passes over stem, stages and head, and timm's classifier API.
 
 ``GSoPResNet`` (ImageNet) and ``GSoPResNetCifar`` differ in their stem, bottleneck and final norm;
-both are a ``GSoPNet`` whose stages come from ``make_blocks`` and whose head is average pooling
-(GSoP-Net1) or iSQRT-COV pooling (GSoP-Net2) before a linear classifier.
+both are a ``GSoPNet`` whose stages ``layer1``, ``layer2``... come from ``make_blocks`` and whose head
+is average pooling (GSoP-Net1) or iSQRT-COV pooling (GSoP-Net2) before a linear classifier.
 """
 from functools import partial
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Type, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from timm.layers import LayerType, create_classifier, get_device_dtype, register_notrace_function
+from timm.layers import (
+    DropPath, LayerType, create_classifier, get_act_layer, get_device_dtype, get_norm_layer, register_notrace_function)
+from timm.models import checkpoint_seq
+from timm.models._features import feature_take_indices
 
-from ..layers import GSoPAttn, IsqrtCovPool, resolve_attn_mode
-from ..layers._checks import check_positive_int
-from ._checkpoint import _official_keys_pre_hook
+from ..layers import ATTN_MODES, GSoPAttn, IsqrtCovPool
+from ._checkpoint import check_finite, check_state_dict_fits, convert_official_state_dict, is_official_state_dict
 
-__all__ = ['GSoPNet', 'make_blocks', 'create_head', 'check_input_size', 'GLOBAL_POOLS']
+__all__ = ['GSoPNet', 'GSoPBottleneckBase', 'make_blocks', 'create_head', 'check_input_size', 'GLOBAL_POOLS']
 
 #: ``global_pool`` choices: timm's pools, 'isqrt' (iSQRT-COV, GSoP-Net2) and '' (no pooling).
 GLOBAL_POOLS = ('avg', 'max', 'avgmax', 'catavgmax', 'fast', 'fastavg', 'fastmax', 'fastavgmax', 'fastcatavgmax',
                 'isqrt', '')
+
+
+# Bounds that no GSoP-Net reaches, so that a typo cannot allocate gigabytes before failing.
+MAX_BLOCKS_PER_STAGE = 1000
+MAX_CLASSES = 1_000_000
+MAX_CHANNELS = 4096  # in_chans, stem_chs
+
+
+def check_int(name: str, value: Any, low: int = 1, high: Optional[int] = None, why: str = '') -> None:
+    """Raise a ValueError naming the argument unless ``value`` is an int (not a bool) in [low, high]."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        bounds = f'>= {low}' if high is None else f'in [{low}, {high}]{why}'
+        raise ValueError(f'{name} must be an integer {bounds}, got {value!r}')
+
+
+def check_attn_mode(attn_mode: Any) -> str:
+    """The GSoP block mode, or 'none' for the backbone without GSoP blocks."""
+    if attn_mode is None:  # timm.create_model drops None arguments: None there would silently mean 'channel'
+        raise ValueError("attn_mode=None: pass attn_mode='none' for the backbone without GSoP blocks "
+                         "(timm.create_model drops None arguments, which keeps the default 'channel').")
+    if attn_mode != 'none' and attn_mode not in ATTN_MODES:
+        raise ValueError(f"Unknown GSoP attn_mode {attn_mode!r}; valid: {', '.join(map(repr, ATTN_MODES))}, "
+                         f"or 'none' for the backbone without GSoP blocks.")
+    return attn_mode
+
+
+def resolve_layer(name: str, value: Any, get_layer: Callable[[Any], Any], names: str) -> Callable[..., nn.Module]:
+    """``get_act_layer`` / ``get_norm_layer`` of ``value``; a ValueError naming the argument and timm's names."""
+    try:
+        layer = get_layer(value)
+    except (KeyError, AssertionError, TypeError):
+        layer = None
+    if not callable(layer):
+        from timm.layers import create_act, create_norm  # for the message only: the names timm knows
+        known = getattr(create_act if name == 'act_layer' else create_norm, names, {})
+        raise ValueError(f"{name}={value!r} is not a layer class or one of timm's names: {', '.join(sorted(known))}")
+    return layer
 
 
 @register_notrace_function
@@ -32,6 +72,33 @@ def check_input_size(x: Tensor, min_size: int) -> Tensor:
             f'Input of {x.shape[-2]}x{x.shape[-1]} px is smaller than this model accepts: '
             f'height and width must be at least {min_size} px.')
     return x
+
+
+class GSoPBottleneckBase(nn.Module):
+    """What the two bottlenecks share: the attention layer at the end of the residual branch, the
+    projection shortcut, stochastic depth, and how the three meet the shortcut.
+
+    The attention layer gets the shortcut too, so that its scale and the residual add are one pass
+    over the map, unless stochastic depth has to drop the scaled branch alone.
+    """
+    expansion = 4
+
+    def init_residual(self, outplanes: int, downsample: Optional[nn.Module],
+                      attn_layer: Optional[Callable[..., nn.Module]], drop_path: float, device=None, dtype=None) -> None:
+        """Called by the subclass after its convs (the parameters' order, and so a seed's init, follows)."""
+        self.attn = attn_layer(outplanes, device=device, dtype=dtype) if attn_layer is not None else None
+        self.downsample = downsample
+        self.drop_path = DropPath(drop_path) if drop_path > 0. else None
+
+    def add_shortcut(self, x: Tensor, shortcut: Tensor) -> Tensor:
+        """Attention (where there is a GSoP block), stochastic depth, then the residual add."""
+        if self.attn is not None and self.drop_path is None:
+            return self.attn(x, shortcut)
+        if self.attn is not None:
+            x = self.attn(x)
+        if self.drop_path is not None:
+            x = self.drop_path(x)
+        return x + shortcut
 
 
 def make_blocks(
@@ -135,26 +202,30 @@ def _check_rate(name: str, value: Any) -> None:
 
 
 class GSoPNet(nn.Module):
-    """Base of the GSoP-Net classes: checked arguments, GSoP stages, the head and timm's classifier API.
+    """Base of the GSoP-Net classes: checked arguments, GSoP stages, the forward passes, the head and
+    timm's classifier API.
 
-    A subclass builds its stem and stages (``make_blocks`` with ``self.attn_layers(...)``), sets
-    ``num_features``, then calls ``init_head`` and ``init_weights``. Arguments are checked here, each
-    with a ValueError that names it; one that would have no effect (``attn_dim`` without GSoP blocks,
-    ``cov_dim`` / ``sqrt_iters`` without iSQRT-COV pooling) is an error too.
+    A subclass sets ``channels`` (bottleneck width of each stage), builds its stem, its stages
+    (``make_blocks`` with ``self.attn_layers(...)``) and ``maxpool`` / ``norm`` / ``act`` (identities
+    where it has none), defines ``forward_stem`` (the stem up to feature 0), sets ``num_features``, then
+    calls ``init_head`` and ``init_weights``. Arguments are checked here, each with a ValueError that
+    names it; one that would have no effect (``attn_dim`` without GSoP blocks, ``cov_dim`` /
+    ``sqrt_iters`` without iSQRT-COV pooling) is an error too.
     """
     #: Values of ``attn_dim``, ``cov_dim`` and ``sqrt_iters`` when they are not given.
     default_attn_dim: int = 128
     default_cov_dim: int = 256
     default_sqrt_iters: int = 3
+    #: Bottleneck width (planes) of each stage; a stage's output has 4x as many channels.
+    channels: Tuple[int, ...] = ()
 
     def __init__(
             self,
             *,
-            num_stages: int,
             layers: Sequence[int],
             num_classes: int,
             in_chans: int,
-            attn_mode: Optional[str],
+            attn_mode: str,
             attn_dim: Optional[int],
             attn_stages: Sequence[bool],
             global_pool: str,
@@ -166,46 +237,61 @@ class GSoPNet(nn.Module):
             min_input_size: int,
     ):
         super().__init__()
-        attn_mode = resolve_attn_mode(attn_mode)
+        num_stages = len(self.channels)
+        widest = max(self.channels) * GSoPBottleneckBase.expansion
+        attn_mode = check_attn_mode(attn_mode)
         if not isinstance(layers, (tuple, list)) or len(layers) != num_stages:
             raise ValueError(f'layers must give the blocks of each of the {num_stages} stages, got {layers!r}')
         for i, depth in enumerate(layers):
-            check_positive_int(f'layers[{i}]', depth)
+            check_int(f'layers[{i}]', depth, high=MAX_BLOCKS_PER_STAGE)
         if (not isinstance(attn_stages, (tuple, list)) or len(attn_stages) != num_stages
                 or not all(isinstance(a, bool) for a in attn_stages)):
             raise ValueError(f'attn_stages must be {num_stages} booleans, got {attn_stages!r}')
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
-            raise ValueError(f'num_classes must be an integer >= 0 (0: no classifier), got {num_classes!r}')
-        check_positive_int('in_chans', in_chans)
-        check_positive_int('min_input_size', min_input_size)
+        check_int('num_classes', num_classes, low=0, high=MAX_CLASSES)
+        check_int('in_chans', in_chans, high=MAX_CHANNELS)
+        check_int('min_input_size', min_input_size)
         _check_global_pool(global_pool)
         _check_rate('drop_rate', drop_rate)
         _check_rate('drop_path_rate', drop_path_rate)
         if not isinstance(zero_init_last, bool):
             raise ValueError(f'zero_init_last must be True or False, got {zero_init_last!r}')
         if attn_dim is not None:
-            check_positive_int('attn_dim', attn_dim)
-            if attn_mode is None or not any(attn_stages):
+            check_int('attn_dim', attn_dim, high=widest, why=" (the widest stage's channels)")
+            if attn_mode == 'none' or not any(attn_stages):
                 raise ValueError("attn_dim has no effect on a model without GSoP blocks (attn_mode='none'); "
                                  "leave it out.")
-        for name, value in (('cov_dim', cov_dim), ('sqrt_iters', sqrt_iters)):
+        for name, value, high in (('cov_dim', cov_dim, widest), ('sqrt_iters', sqrt_iters, 100)):
             if value is not None:
-                check_positive_int(name, value)
+                check_int(name, value, high=high)
                 if global_pool != 'isqrt':
                     raise ValueError(f"{name} sets the iSQRT-COV pool (global_pool='isqrt', GSoP-Net2) and has "
                                      f"no effect with global_pool={global_pool!r}; leave it out.")
 
         self.num_classes = num_classes
         self.in_chans = in_chans
-        self.attn_mode = attn_mode or 'none'
+        self.attn_mode = attn_mode
         self.attn_dim = self.default_attn_dim if attn_dim is None else attn_dim
         self.cov_dim = self.default_cov_dim if cov_dim is None else cov_dim
         self.sqrt_iters = self.default_sqrt_iters if sqrt_iters is None else sqrt_iters
         self.drop_rate = drop_rate
         self.min_input_size = min_input_size
         self.grad_checkpointing = False
-        # Official GSoP checkpoints also load through plain load_state_dict (checkpoint_path=, train.py).
-        self.register_load_state_dict_pre_hook(_official_keys_pre_hook)
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
+        """torch's ``load_state_dict``, for this package's and the official GSoP code's checkpoints.
+
+        Official parameter names are converted first. Non-finite values (as stored, or once cast to
+        this model's dtype) are refused, and a strict load that does not fit raises a CheckpointError
+        (a RuntimeError, as torch's) which sets the checkpoint's architecture beside the model's and
+        says what to pass; nothing is loaded then. ``create_model(checkpoint_path=...)`` and train.py's
+        ``--initial-checkpoint`` / ``--resume`` load through here.
+        """
+        if is_official_state_dict(state_dict):
+            state_dict = convert_official_state_dict(state_dict)
+        check_finite(state_dict, self)
+        if strict:
+            check_state_dict_fits(state_dict, self)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def attn_layers(
             self,
@@ -271,8 +357,80 @@ class GSoPNet(nn.Module):
         self.global_pool.train(self.training)
         self.fc.train(self.training)
 
+    def forward_stem(self, x: Tensor) -> Tensor:
+        """The stem, up to its feature map (feature index 0); defined by each model."""
+        raise NotImplementedError
+
+    def forward_intermediates(
+            self,
+            x: Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[Tensor], Tuple[Tensor, List[Tensor]]]:
+        """Forward that also returns feature maps: the stem (index 0) and each stage (1, 2...).
+
+        ``norm=True`` gives the last stage after the final norm (what ``features_only`` returns),
+        where the model has one (the pre-activation CIFAR ResNet).
+        """
+        assert output_fmt in ('NCHW',), 'Output shape must be NCHW.'
+        intermediates = []
+        take_indices, max_index = feature_take_indices(len(self.channels) + 1, indices)
+        x = self.forward_stem(check_input_size(x, self.min_input_size))
+        if 0 in take_indices:
+            intermediates.append(x)
+        x = self.maxpool(x)
+        stages = [getattr(self, f'layer{i + 1}') for i in range(len(self.channels))]
+        for feat_idx, stage in enumerate(stages[:max_index] if stop_early else stages, start=1):
+            x = checkpoint_seq(stage, x) if self.grad_checkpointing else stage(x)
+            feat = x
+            if feat_idx == len(stages):
+                x = self.act(self.norm(x))
+                feat = x if norm else feat
+            if feat_idx in take_indices:
+                intermediates.append(feat)
+        if intermediates_only:
+            return intermediates
+        return x, intermediates
+
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+    ) -> List[int]:
+        """Drop the stages (stem pool, final norm, head) that the requested intermediates do not need."""
+        num_stages = len(self.channels)
+        take_indices, max_index = feature_take_indices(num_stages + 1, indices)
+        for i in range(max_index, num_stages):
+            setattr(self, f'layer{i + 1}', nn.Sequential())
+        if max_index == 0:
+            self.maxpool = nn.Identity()
+        if prune_norm or max_index < num_stages:
+            self.norm, self.act = nn.Identity(), nn.Identity()
+        if max_index < num_stages:
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]['num_chs']
+        if prune_head or max_index < num_stages:
+            self.reset_classifier(0, '')
+        return take_indices
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        x = self.maxpool(self.forward_stem(check_input_size(x, self.min_input_size)))
+        for name, stage in self.named_children():  # TorchScript unrolls this loop; the stages are layer1, 2...
+            if name.startswith('layer'):
+                if self.grad_checkpointing and not torch.jit.is_scripting():
+                    x = checkpoint_seq(stage, x)
+                else:
+                    x = stage(x)
+        return self.act(self.norm(x))
+
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         x = self.global_pool(x)
         if self.drop_rate:
             x = F.dropout(x, p=float(self.drop_rate), training=self.training)
         return x if pre_logits else self.fc(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))

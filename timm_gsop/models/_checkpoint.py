@@ -1,39 +1,36 @@
-"""Checkpoints of GSoP models: reading them and loading them, with the same checks on every path.
+"""Checkpoints of GSoP-Nets: reading a file, the official GSoP names, what a state dict says about its
+architecture, and the error that sets it beside the model's.
 
-* Every load path checks the same things and raises the same ``CheckpointError`` (``_state_dict.py``):
-  timm's pretrained loader (``pretrained_cfg_overlay``, ``hf-hub:``, ``local-dir:``) through
-  ``checkpoint_filter_fn``; ``checkpoint_path=``, ``load_state_dict`` and train.py's resume through the
-  models' load_state_dict pre-hook, which timm's loader ends in too. Checkpoints of the official code
-  (ZilinGao/Global-Second-order-Pooling-Convolutional-Networks) are converted to this package's names
-  on all of them.
-* ``create_gsop_model`` is timm's ``build_model_with_cfg`` with that filter, and keeps a checkpoint
-  file's classifier when it has the requested number of classes.
+timm's pretrained loader (``pretrained_cfg_overlay=dict(file=...)``, ``local-dir:``, ``hf-hub:``) goes
+through ``checkpoint_filter_fn``; it, ``create_model(checkpoint_path=...)`` and train.py end in
+``GSoPNet.load_state_dict`` (``_base.py``). The export and the launcher read files with
+``load_checkpoint_file`` and explain a mismatch in their flags (``check_state_dict_fits(..., cli=True)``).
 """
 import argparse
+import math
 import os
 import re
-import sys
-from typing import Any, Dict, Optional, Tuple, Type
+import shlex
+import stat
+from dataclasses import dataclass, replace
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Type
 
 import torch
 from torch import Tensor, nn
 
-from timm.models import build_model_with_cfg, clean_state_dict
-from timm.models._pretrained import PretrainedCfg
-
-from ._state_dict import (
-    CheckpointError, StateDictArch, check_finite, check_state_dict_fits, inspect_state_dict)
+from timm.models import build_model_with_cfg, clean_state_dict, resolve_pretrained_cfg
 
 __all__ = [
     'CheckpointError', 'StateDictArch', 'inspect_state_dict', 'check_finite', 'check_state_dict_fits',
-    'load_checkpoint_file', 'state_dict_from_checkpoint', 'checkpoint_filter_fn', 'convert_official_state_dict',
-    'is_official_state_dict', 'create_gsop_model',
+    'check_checkpoint_path', 'load_checkpoint_file', 'state_dict_from_checkpoint', 'checkpoint_filter_fn',
+    'convert_official_state_dict', 'is_official_state_dict', 'create_gsop_model',
 ]
 
 
-# --------------------------------------------------------------------------------------------------
-# official names
-# --------------------------------------------------------------------------------------------------
+class CheckpointError(ValueError, RuntimeError):
+    """A checkpoint that cannot be read, holds non-finite values or does not fit the model; the message
+    says what to do. A RuntimeError too, as what torch's ``load_state_dict`` raises."""
+
 
 # Official parameter names -> ours: inside a stage's bottleneck (layerN.i.NAME.*), and Net2's head (NAME.*).
 _OFFICIAL_BLOCK_NAMES = {
@@ -64,17 +61,16 @@ def _official_to_ours(key: str) -> str:
     return f'{_OFFICIAL_HEAD_NAMES[module]}.{rest}' if module in _OFFICIAL_HEAD_NAMES else key
 
 
-def is_official_state_dict(state_dict: Dict[str, Any]) -> bool:
+def is_official_state_dict(state_dict: Mapping[str, Any]) -> bool:
     """True for a state dict of the official GSoP code (its attention or Net2 head parameter names)."""
-    return any(marker in k for k in state_dict for marker in _OFFICIAL_MARKERS)
+    return any(isinstance(k, str) and marker in k for k in state_dict for marker in _OFFICIAL_MARKERS)
 
 
-def convert_official_state_dict(state_dict: Dict[str, Tensor]) -> Dict[str, Tensor]:
-    """Rename an official GSoP checkpoint's parameters (``module.`` prefix allowed) to ours.
+def convert_official_state_dict(state_dict: Mapping[str, Tensor]) -> Dict[str, Tensor]:
+    """An official GSoP checkpoint's parameters (``module.`` prefix allowed) in our names.
 
     The official code ran on PyTorch 0.4.0, whose BatchNorm had no ``num_batches_tracked``: missing
-    counters are added as zeros.
-    """
+    counters are added as zeros."""
     out = {_official_to_ours(k[len('module.'):] if k.startswith('module.') else k): v for k, v in state_dict.items()}
     for k in list(out):
         if k.endswith('.running_mean'):
@@ -82,153 +78,304 @@ def convert_official_state_dict(state_dict: Dict[str, Tensor]) -> Dict[str, Tens
     return out
 
 
-# --------------------------------------------------------------------------------------------------
-# reading checkpoint files
-# --------------------------------------------------------------------------------------------------
+def check_checkpoint_path(path: Any) -> None:
+    """A one-line CheckpointError unless ``path`` is a non-empty file (timm's loaders raise an empty
+    FileNotFoundError or EOFError)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise CheckpointError(f'checkpoint not found: {path}') from None
+    except OSError as e:  # a symlink loop, a name too long, no permission
+        raise CheckpointError(f'cannot open checkpoint {path}: {e.strerror or e}') from None
+    if not stat.S_ISREG(st.st_mode):
+        raise CheckpointError(f'checkpoint is not a file: {path}')
+    if st.st_size == 0:
+        raise CheckpointError(f'checkpoint is empty (0 bytes): {path}')
 
-def load_checkpoint_file(path: str, mmap: bool = False) -> Any:
+
+def load_checkpoint_file(path: Any) -> Any:
     """A checkpoint file's content: ``torch.load(weights_only=True)`` (train.py's ``argparse.Namespace``
-    args allowed, nothing else pickled), or a ``.safetensors`` file. ``mmap`` reads shapes without the data."""
-    if str(path).endswith('.safetensors'):
-        import safetensors.torch
-        return safetensors.torch.load_file(str(path), device='cpu')
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        if mmap:
-            try:
-                return torch.load(str(path), map_location='cpu', weights_only=True, mmap=True)
-            except RuntimeError:  # files in the legacy (pre-zip) format cannot be mapped
-                pass
-        return torch.load(str(path), map_location='cpu', weights_only=True)
+    args allowed, nothing else pickled), or a ``.safetensors`` file. Errors are one-line CheckpointErrors."""
+    check_checkpoint_path(path)
+    try:
+        if str(path).endswith('.safetensors'):
+            import safetensors.torch
+            return safetensors.torch.load_file(str(path), device='cpu')
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(str(path), map_location='cpu', weights_only=True)
+    except Exception as e:  # zip/pickle/EOF errors of a damaged file, blocked globals of a foreign pickle
+        first_line = (str(e).strip().splitlines() or [''])[0]
+        raise CheckpointError(
+            f'cannot read checkpoint {path}: {type(e).__name__}: {first_line}. The file is corrupted or truncated, '
+            f'or not one that torch.load(weights_only=True) reads (pickled objects other than tensors and plain '
+            f'containers are refused).') from None
 
 
 # Where a checkpoint keeps its weights, in timm's ``load_state_dict`` order (EMA weights first).
 _STATE_DICT_KEYS = ('state_dict_ema', 'model_ema', 'state_dict', 'model')
 
 
-def state_dict_from_checkpoint(checkpoint: Dict[str, Any]) -> Tuple[str, Dict[str, Tensor]]:
+def _check_names(state_dict: Mapping[Any, Any]) -> None:
+    for k in state_dict:
+        if not isinstance(k, str):
+            raise CheckpointError(f'the state dict has a key {k!r} of type {type(k).__name__}: a state dict '
+                                  f'maps parameter names (strings) to tensors')
+
+
+def state_dict_from_checkpoint(checkpoint: Any) -> Tuple[str, Dict[str, Tensor]]:
     """(entry, state dict) of a loaded checkpoint, wrapper prefixes removed and official names converted.
 
-    The entry is where the weights were found ('state_dict_ema', ..., or '' for a bare state dict).
-    """
+    The entry is where the weights were found ('state_dict_ema', ..., or '' for a bare state dict). A
+    checkpoint without tensors, with keys that are not names, or with an ``epoch`` that is not a count
+    is a CheckpointError."""
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f'the checkpoint holds a {type(checkpoint).__name__}, not a dict of weights')
     source = next((k for k in _STATE_DICT_KEYS if isinstance(checkpoint.get(k), dict) and checkpoint[k]), '')
-    state_dict = clean_state_dict(checkpoint[source] if source else checkpoint)
-    if is_official_state_dict(state_dict):
-        state_dict = convert_official_state_dict(state_dict)
-    return source, state_dict
-
-
-# --------------------------------------------------------------------------------------------------
-# the load paths
-# --------------------------------------------------------------------------------------------------
-
-def checkpoint_filter_fn(state_dict: Dict[str, Tensor], model: nn.Module) -> Dict[str, Tensor]:
-    """timm's pretrained filter: official names converted and the fit to ``model`` checked.
-
-    A classifier of another size than the model's is left to timm, which replaces it (fine-tuning).
-    Finite values are checked by the load_state_dict pre-hook, which this load path ends in too.
-    """
-    if 'state_dict' in state_dict and isinstance(state_dict['state_dict'], dict):
-        state_dict = state_dict['state_dict']
+    state_dict = checkpoint[source] if source else checkpoint
+    _check_names(state_dict)
+    bad = next((k for k, v in state_dict.items() if not isinstance(v, Tensor)), None)
+    if not state_dict or bad is not None:
+        raise CheckpointError(
+            f'the checkpoint holds no state dict: expected tensors under "state_dict_ema", "state_dict" or at '
+            f'the top level, found {f"{bad!r}: {type(state_dict[bad]).__name__}" if bad else "nothing"}')
+    epoch = checkpoint.get('epoch') if source else None
+    if epoch is not None and (isinstance(epoch, bool) or not isinstance(epoch, (int, float))
+                              or not math.isfinite(epoch) or epoch < 0):
+        raise CheckpointError(f'the checkpoint says epoch {epoch!r}, not a count of epochs: the file is damaged')
     state_dict = clean_state_dict(state_dict)
-    if is_official_state_dict(state_dict):
-        state_dict = convert_official_state_dict(state_dict)
-    same_classes = inspect_state_dict(state_dict).num_classes == getattr(model, 'num_classes', None)
-    check_state_dict_fits(state_dict, model, check_classifier=same_classes)
+    return source, convert_official_state_dict(state_dict) if is_official_state_dict(state_dict) else state_dict
+
+
+_BLOCK_KEY = re.compile(r'^layer(\d+)\.(\d+)\.')
+# Blocks per stage of the registered variants (gsop_* and gsop2_*): the mismatch error names the one that fits.
+_VARIANT_LAYERS = {(3, 4, 6, 3): 'resnet50', (3, 4, 23, 3): 'resnet101', (18, 18, 18): 'resnet164_cifar'}
+
+
+@dataclass(frozen=True)
+class StateDictArch:
+    """The architecture a GSoP-Net state dict was saved from, read off its keys and shapes."""
+    layers: Tuple[int, ...]  # blocks per stage
+    attn_stages: Tuple[bool, ...]  # which stages hold a GSoP block
+    attn_modes: Tuple[str, ...]  # the modes these weights fit: one, or ('fusion_avg', 'fusion_max'), or ('none',)
+    attn_dim: Optional[int]  # channels of the GSoP blocks' reduced copy (their channel covariance size)
+    position_cov: Optional[int]  # position covariance size (pooled positions), position and fusion modes
+    isqrt_head: bool  # Net2's iSQRT-COV pooling
+    cov_dim: Optional[int]  # its covariance size
+    head_in: Optional[int]  # channels into the iSQRT-COV head
+    num_classes: int  # classifier outputs, 0 without a classifier
+    in_chans: Optional[int]
+    preact: bool  # the CIFAR pre-activation ResNet (a final norm, no stem BN)
+
+    @property
+    def attn_mode(self) -> Optional[str]:
+        """The attention mode, or None where the weights cannot tell (fusion_avg and fusion_max)."""
+        return self.attn_modes[0] if len(self.attn_modes) == 1 else None
+
+    @property
+    def net(self) -> str:
+        return 'GSoP-Net2' if self.isqrt_head else 'GSoP-Net1'
+
+    @property
+    def depth(self) -> int:
+        """ResNet depth of a bottleneck network: 3 convs a block, the stem conv and the classifier."""
+        return 3 * sum(self.layers) + 2
+
+    def kwargs(self) -> Dict[str, Any]:
+        """The model arguments the weights decide (attn_mode only where they tell it)."""
+        out = dict(layers=self.layers, num_classes=self.num_classes, attn_mode=self.attn_mode, attn_dim=self.attn_dim)
+        return {k: v for k, v in out.items() if v is not None}
+
+    def describe(self) -> str:
+        if not self.layers:
+            return 'not a GSoP-Net/ResNet state dict (no layer1.* keys)'
+        stages = ', '.join(str(i + 1) for i, on in enumerate(self.attn_stages) if on)
+        return (f'layers={self.layers}, attn_mode={self.attn_mode or " or ".join(self.attn_modes)!r}, '
+                f'attn_dim={self.attn_dim}, num_classes={self.num_classes} ({self.net}'
+                + (f', GSoP blocks in stages {stages}' if stages else ', no GSoP blocks')
+                + (f', iSQRT-COV head cov_dim={self.cov_dim}' if self.isqrt_head else '')
+                + (', pre-activation CIFAR ResNet)' if self.preact else ')'))
+
+
+def inspect_state_dict(state_dict: Mapping[str, Any]) -> StateDictArch:
+    """What a state dict (this package's names) says about its architecture; needs shapes only."""
+    blocks: Dict[int, int] = {}
+    attn: Dict[int, bool] = {}
+    for k in state_dict:
+        m = _BLOCK_KEY.match(k)
+        if m:
+            stage, block = int(m.group(1)), int(m.group(2))
+            blocks[stage] = max(blocks.get(stage, 0), block + 1)
+            attn[stage] = attn.get(stage, False) or '.attn.' in k
+    has_c = any('.attn.channel_gate.' in k for k in state_dict)
+    has_p = any('.attn.position_gate.' in k for k in state_dict)
+    if any('.attn.fuse_' in k for k in state_dict):
+        modes: Tuple[str, ...] = ('fusion_concat',)
+    elif has_c and has_p:
+        modes = ('fusion_avg', 'fusion_max')  # same parameters: the keys cannot tell them apart
+    else:
+        modes = ('channel',) if has_c else ('position',) if has_p else ('none',)
+
+    def shape(suffix: str, exact: bool = True) -> Optional[Tuple[int, ...]]:
+        return next((tuple(v.shape) for k, v in state_dict.items() if (k == suffix if exact else k.endswith(suffix))),
+                    None)
+
+    reduce = shape('_gate.conv_reduce.weight', exact=False)
+    position_bn = shape('.attn.position_gate.row_bn.weight', exact=False)
+    head, fc, conv1 = shape('global_pool.conv_reduce.weight'), shape('fc.weight'), shape('conv1.weight')
+    stages = sorted(blocks)
+    return StateDictArch(
+        layers=tuple(blocks[s] for s in stages), attn_stages=tuple(attn[s] for s in stages), attn_modes=modes,
+        attn_dim=reduce[0] if reduce else None, position_cov=position_bn[0] if position_bn else None,
+        isqrt_head=head is not None, cov_dim=head[0] if head else None, head_in=head[1] if head else None,
+        num_classes=fc[0] if fc else 0, in_chans=conv1[1] if conv1 and len(conv1) == 4 else None,
+        preact='norm.weight' in state_dict and 'bn1.weight' not in state_dict)
+
+
+def check_finite(state_dict: Mapping[str, Any], model: Optional[nn.Module] = None) -> None:
+    """Raise a CheckpointError naming the tensors (real or complex) that hold NaN or inf, as stored or, for
+    ``model``'s parameters, once cast to its dtype (float64 1e300 is inf in a float32 model)."""
+    _check_names(state_dict)
+    target = model.state_dict() if model is not None else {}
+    bad = []
+    for k, v in state_dict.items():
+        if not isinstance(v, Tensor) or v.is_meta or not (v.is_floating_point() or v.is_complex()):
+            continue
+        own = target.get(k)
+        if own is not None and own.is_floating_point() and v.is_floating_point() and own.dtype != v.dtype:
+            v = v.to(own.dtype)
+        # One sum is NaN or inf when any value is, and far cheaper than isfinite's mask; only a non-finite
+        # (or overflowing) sum needs the exact test.
+        if not (bool(torch.isfinite(v.sum())) or bool(torch.isfinite(v).all())):
+            bad.append(k)
+    if bad:
+        raise CheckpointError(
+            f'The checkpoint holds non-finite values (NaN or inf{", or too large for the model dtype" if model else ""})'
+            f' in {len(bad)} tensor(s): {_show(bad)}. Such weights give NaN outputs; the training diverged or the '
+            f'file is damaged: use another checkpoint.')
+
+
+def _show(items, n: int = 8) -> str:
+    return ', '.join(items[:n]) + (f' ... ({len(items)} in all)' if len(items) > n else '') if items else 'none'
+
+
+def _call(name: str, kwargs: Dict[str, Any], cli: bool, pretrained_path: Optional[str] = None) -> str:
+    """The model's creation: timm.create_model keywords, or train.py/validate.py flags (``name`` '': unchanged)."""
+    if not cli:
+        args = [repr(name)] + (['pretrained=True', f'pretrained_cfg_overlay=dict(file={pretrained_path!r})']
+                               if pretrained_path else [])
+        return f'timm.create_model({", ".join(args + [f"{k}={v!r}" for k, v in kwargs.items()])}, ...)'
+    flags = [f'--model {name}'] if name else []
+    if pretrained_path:
+        flags.append(f'--pretrained --pretrained-path {shlex.quote(pretrained_path)}')
+    rest = {k: v for k, v in kwargs.items() if k not in ('num_classes', 'in_chans')}
+    if rest:  # train.py reads each value with ast.literal_eval; a tuple without spaces is one shell word
+        flags.append('--model-kwargs ' + ' '.join(shlex.quote(f'{k}={v}'.replace(', ', ',')) for k, v in rest.items()))
+    return ' '.join(flags + [f'--{k.replace("_", "-")} {kwargs[k]}' for k in ('num_classes', 'in_chans') if k in kwargs])
+
+
+def _how_to_fit(ckpt: StateDictArch, model: StateDictArch, model_name: str, check_classifier: bool, cli: bool,
+                path: Optional[str]) -> str:
+    """What to pass to create the model the checkpoint was trained as (and to fine-tune it on other classes)."""
+    if not ckpt.layers:
+        return 'It is not a checkpoint of a GSoP-Net: load it into the model it was trained with.'
+    name, kwargs = model_name, {}
+    if (ckpt.layers, ckpt.isqrt_head, ckpt.preact) != (model.layers, model.isqrt_head, model.preact):
+        variant = _VARIANT_LAYERS.get(ckpt.layers, '')
+        if not variant or ('cifar' in variant) != ckpt.preact:
+            variant = 'resnet164_cifar' if ckpt.preact else 'resnet50'
+            kwargs['layers'] = ckpt.layers
+        name = f'gsop{"2" if ckpt.isqrt_head else ""}_{variant}'
+    n = len(ckpt.layers)
+    if 'none' not in ckpt.attn_modes and ckpt.attn_stages != (True,) * (n - ckpt.isqrt_head) + (False,) * ckpt.isqrt_head:
+        kwargs['attn_stages'] = ckpt.attn_stages
+    if not set(model.attn_modes) & set(ckpt.attn_modes):
+        kwargs['attn_mode'] = ckpt.attn_modes[0]
+    for key in ('attn_dim', 'cov_dim', 'in_chans') + (('num_classes',) if check_classifier else ()):
+        if getattr(ckpt, key) is not None and getattr(ckpt, key) != getattr(model, key):
+            kwargs[key] = getattr(ckpt, key)
+    if name == model_name and not kwargs:
+        return "Its parameters differ from the model's as listed below."
+    shown = '' if cli and name == model_name else name  # a command line has --model already
+    text = f'Pass the arguments it was trained with: {_call(shown, kwargs, cli)}'
+    if kwargs.get('attn_mode') == 'fusion_avg' and len(ckpt.attn_modes) > 1:
+        text += " (or attn_mode='fusion_max': the two have the same weights; pass the one it was trained with)"
+    if 'num_classes' in kwargs:
+        tune = dict(kwargs, num_classes=model.num_classes)
+        text += (f'; or, to fine-tune it for {model.num_classes} classes, load it as pretrained weights: '
+                 f'{_call(shown, tune, cli, pretrained_path=path or "PATH")}')
+    return text
+
+
+def check_state_dict_fits(state_dict: Mapping[str, Any], model: nn.Module, check_classifier: bool = True,
+                          model_name: Optional[str] = None, cli: bool = False, path: Optional[str] = None,
+                          ignore: Sequence[str] = ()) -> None:
+    """Raise a CheckpointError when ``state_dict`` does not load strictly into ``model``.
+
+    The message sets the checkpoint's architecture (layers, attn_mode, attn_dim, num_classes) beside the
+    model's and says what to pass: ``timm.create_model`` keywords, or with ``cli`` train.py/validate.py and
+    export flags (``--model``, ``--model-kwargs``, ``--num-classes``); for other classes also how to
+    fine-tune from it (``path``: the checkpoint's file). ``check_classifier=False`` leaves out ``fc.*``,
+    ``ignore`` other keys."""
+    target = model.state_dict()
+    skip = tuple(ignore) + (() if check_classifier else ('fc.weight', 'fc.bias'))
+    # PyTorch 0.4 checkpoints have no BN step counters; they do not change outputs and torch fills them in.
+    missing = [k for k in target if k not in state_dict and k not in skip and not k.endswith('num_batches_tracked')]
+    unexpected = [k for k in state_dict if k not in target and k not in skip]
+    mismatched = [f'{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(target[k].shape)}'
+                  for k in target if k in state_dict and k not in skip and state_dict[k].shape != target[k].shape]
+    if not (missing or unexpected or mismatched):
+        return
+    ckpt, ours = inspect_state_dict(state_dict), inspect_state_dict(target)
+    if getattr(model, 'attn_mode', None) in ours.attn_modes:  # fusion_avg / fusion_max: the model knows which
+        ours = replace(ours, attn_modes=(model.attn_mode,))
+    name = model_name or (getattr(model, 'pretrained_cfg', None) or {}).get('architecture') or type(model).__name__
+    raise CheckpointError(
+        f'The checkpoint does not fit this {name} model.\n'
+        f'  checkpoint: {ckpt.describe()}\n'
+        f'  model:      {ours.describe()}\n'
+        f'{_how_to_fit(ckpt, ours, name, check_classifier, cli, path)}\n'
+        f'  missing keys ({len(missing)}): {_show(missing)}\n'
+        f'  unexpected keys ({len(unexpected)}): {_show(unexpected)}\n'
+        f'  shape mismatches ({len(mismatched)}): {_show(mismatched)}')
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, Any], model: nn.Module) -> Dict[str, Tensor]:
+    """timm's pretrained filter: a timm or official GSoP checkpoint in the model's names, its fit checked.
+
+    A classifier of other classes than the model's is replaced by the model's new one (fine-tuning)."""
+    _, state_dict = state_dict_from_checkpoint(state_dict)
+    stem, own_stem = state_dict.get('conv1.weight'), model.state_dict().get('conv1.weight')
+    # timm adapts the stem to other in_chans after the filter
+    adapted = stem is not None and own_stem is not None and stem.shape[1] != own_stem.shape[1] and (
+        stem.shape[:1] + stem.shape[2:] == own_stem.shape[:1] + own_stem.shape[2:])
+    check_state_dict_fits(state_dict, model, check_classifier=False, ignore=('conv1.weight',) if adapted else ())
+    own = {k: v for k, v in model.state_dict().items() if k.startswith('fc.')}
+    if any(k not in own or v.shape != own[k].shape for k, v in state_dict.items() if k.startswith('fc.')):
+        state_dict = dict({k: v for k, v in state_dict.items() if not k.startswith('fc.')}, **own)
     return state_dict
 
 
-def _official_keys_pre_hook(
-        module: nn.Module, state_dict: Dict[str, Any], prefix: str, local_metadata: Dict, strict: bool,
-        missing_keys, unexpected_keys, error_msgs,
-) -> None:
-    """``load_state_dict`` pre-hook (``checkpoint_path=``, ``load_state_dict``, train.py's resume, and
-    the end of timm's pretrained loader): converts official names, rejects non-finite values and, in
-    a strict load, explains a mismatch instead of torch's list of keys."""
-    keys = [k for k in state_dict if k.startswith(prefix)]
-    own = {k[len(prefix):]: state_dict[k] for k in keys}
-    if is_official_state_dict(own):
-        for k in keys:
-            del state_dict[k]
-        own = convert_official_state_dict(own)
-        state_dict.update({prefix + k: v for k, v in own.items()})
-    check_finite(own)
-    if _load_is_strict():
-        check_state_dict_fits(own, module)
-
-
-def _load_is_strict() -> bool:
-    """The ``strict`` of the ``load_state_dict`` call running the pre-hook.
-
-    torch hands its hooks strict=True whatever the caller passed, and a non-strict load (timm
-    replacing a classifier, a partial checkpoint) must not be refused: read it from the caller's
-    frame. Not found (an unusual caller): False, and torch's own check applies.
-    """
-    frame = sys._getframe(1)
-    while frame is not None:
-        if frame.f_code is nn.Module.load_state_dict.__code__:
-            return bool(frame.f_locals.get('strict', True))
-        frame = frame.f_back
-    return False
-
-
-def _has_weights_source(cfg: PretrainedCfg) -> bool:
-    return bool(cfg.url or cfg.file or cfg.hf_hub_id or cfg.state_dict or cfg.source in ('hf-hub', 'local-dir'))
-
-
-def _classes_in_source(cfg: PretrainedCfg) -> Optional[int]:
-    """Classifier outputs of a weights file (or state dict) given in the pretrained cfg; None when unknown.
-
-    Exported folders (hf-hub:, local-dir:) say it in their config.json already. A file is memory-mapped:
-    only its shapes are read here.
-    """
-    if cfg.source in ('hf-hub', 'local-dir'):
-        return None
-    try:
-        if cfg.state_dict:
-            state_dict = cfg.state_dict
-        elif cfg.file and os.path.isfile(cfg.file):
-            checkpoint = load_checkpoint_file(cfg.file, mmap=True)
-            state_dict = state_dict_from_checkpoint(checkpoint)[1] if isinstance(checkpoint, dict) else {}
-        else:
-            return None
-        return inspect_state_dict(clean_state_dict(state_dict)).num_classes or None
-    except Exception:  # an unreadable file: timm's loader reports it
-        return None
-
-
-def create_gsop_model(
-        model_cls: Type[nn.Module],
-        variant: str,
-        pretrained: bool = False,
-        feature_cfg: Optional[Dict[str, Any]] = None,
-        **kwargs,
-) -> nn.Module:
+def create_gsop_model(model_cls: Type[nn.Module], variant: str, pretrained: bool = False,
+                      feature_cfg: Optional[Dict[str, Any]] = None, **kwargs) -> nn.Module:
     """``build_model_with_cfg`` for the GSoP family, with the checkpoint filter.
 
-    ``pretrained=True`` without any weights source is an error that says how to load a file (timm
-    would otherwise fail deep in its loader or fall back to random weights). A weights file keeps its
-    classifier when it has the requested ``num_classes`` (or when none is requested): timm compares
-    with the architecture's default cfg (1000 classes) and would replace it with a random one.
-    """
-    if 'attn_mode' in kwargs and kwargs['attn_mode'] is None:
-        kwargs['attn_mode'] = 'none'  # timm's builder drops None kwargs; keep the ablation a string
+    No weights are published: ``pretrained=True`` needs a file (``pretrained_cfg_overlay=dict(file=...)``,
+    checked to exist before the model is built) or an exported folder (``local-dir:``, ``hf-hub:``). A
+    file keeps its classifier when it has the requested ``num_classes`` (timm would compare with the
+    architecture's 1000 and replace it); with other classes the model gets a new one."""
     if pretrained:
-        from timm.models import resolve_pretrained_cfg
-        overlay = kwargs.get('pretrained_cfg_overlay') or {}
+        overlay = dict(kwargs.get('pretrained_cfg_overlay') or {})
         cfg = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.get('pretrained_cfg'), pretrained_cfg_overlay=overlay)
-        if not _has_weights_source(cfg):
+        if not (cfg.url or cfg.file or cfg.hf_hub_id or cfg.state_dict or cfg.source in ('hf-hub', 'local-dir')):
             raise RuntimeError(
                 f'No pretrained weights are published for {variant}. Load a checkpoint file with '
                 f"timm.create_model('{variant}', pretrained=True, pretrained_cfg_overlay=dict(file='PATH')) "
                 f"(timm or official GSoP checkpoints), checkpoint_path='PATH', or an exported folder with "
                 f"timm.create_model('local-dir:FOLDER', pretrained=True).")
-        source_classes = None if 'num_classes' in overlay else _classes_in_source(cfg)
-        if source_classes is not None:
-            kwargs.setdefault('num_classes', source_classes)
-            kwargs['pretrained_cfg_overlay'] = dict(overlay, num_classes=source_classes)
+        if cfg.source not in ('hf-hub', 'local-dir'):  # a folder's config.json gives its classes
+            if cfg.file and not cfg.state_dict:
+                check_checkpoint_path(cfg.file)
+            if 'num_classes' in kwargs and 'num_classes' not in overlay:
+                kwargs['pretrained_cfg_overlay'] = dict(overlay, num_classes=kwargs['num_classes'])
     return build_model_with_cfg(
-        model_cls, variant, pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=feature_cfg,
-        **kwargs,
-    )
+        model_cls, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, feature_cfg=feature_cfg, **kwargs)

@@ -9,30 +9,24 @@ stage keeps stride 1 without dilation: 14x14 features at 224 px. Parameter names
 ResNet; ``checkpoint_filter_fn`` (``_checkpoint.py``) converts checkpoints of the official code.
 """
 from functools import partial
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, LayerType, get_act_layer, get_norm_layer
-from timm.models import checkpoint_seq, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
+from timm.layers import LayerType, get_act_layer, get_norm_layer
+from timm.models import generate_default_cfgs, register_model
 from timm.models.resnet import downsample_conv
 
-from ._base import GSoPNet, check_input_size, make_blocks
+from ._base import GSoPBottleneckBase, GSoPNet, make_blocks, resolve_layer
 from ._checkpoint import create_gsop_model
 
 __all__ = ['GSoPResNet', 'GSoPBottleneck']
 
 
-class GSoPBottleneck(nn.Module):
-    """ResNet v1.5 bottleneck (stride on the 3x3) with an optional attention layer after bn3.
-
-    The attention layer gets the shortcut too, so that its scale and the residual add are one pass
-    over the map, unless stochastic depth has to drop the scaled branch alone.
-    """
-    expansion = 4
+class GSoPBottleneck(GSoPBottleneckBase):
+    """ResNet v1.5 bottleneck (stride on the 3x3) with an optional attention layer after bn3."""
 
     def __init__(
             self,
@@ -58,10 +52,8 @@ class GSoPBottleneck(nn.Module):
         self.act2 = act_layer(inplace=True)
         self.conv3 = nn.Conv2d(planes, outplanes, kernel_size=1, bias=False, **dd)
         self.bn3 = norm_layer(outplanes, **dd)
-        self.attn = attn_layer(outplanes, **dd) if attn_layer is not None else None
+        self.init_residual(outplanes, downsample, attn_layer, drop_path, **dd)
         self.act3 = act_layer(inplace=True)
-        self.downsample = downsample
-        self.drop_path = DropPath(drop_path) if drop_path > 0. else None
 
     def zero_init_last(self) -> None:
         nn.init.zeros_(self.bn3.weight)
@@ -73,15 +65,7 @@ class GSoPBottleneck(nn.Module):
         x = self.bn3(self.conv3(x))
         if self.downsample is not None:
             shortcut = self.downsample(shortcut)
-        if self.attn is not None and self.drop_path is None:
-            x = self.attn(x, shortcut)
-        else:
-            if self.attn is not None:
-                x = self.attn(x)
-            if self.drop_path is not None:
-                x = self.drop_path(x)
-            x = x + shortcut
-        return self.act3(x)
+        return self.act3(self.add_shortcut(x, shortcut))
 
 
 class GSoPResNet(GSoPNet):
@@ -92,7 +76,7 @@ class GSoPResNet(GSoPNet):
         num_classes: classifier outputs (0 for none).
         in_chans: input image channels.
         attn_mode: GSoP block mode: 'channel' (default), 'position', 'fusion_avg', 'fusion_max',
-            'fusion_concat'; 'none' or None for the same backbone without GSoP blocks.
+            'fusion_concat'; 'none' for the same backbone without GSoP blocks.
         attn_dim: channels of the GSoP block's reduced copy (128).
         attn_stages: which of the 4 stages end with a GSoP block (Net1: all, Net2: the first three).
         last_stride: stride of the last stage: 1 as in the official code (14x14 at 224 px), 2 for
@@ -108,13 +92,14 @@ class GSoPResNet(GSoPNet):
         act_layer, norm_layer: classes or timm's names ('relu', 'silu', 'batchnorm', ...), for the
             backbone and the GSoP blocks (the iSQRT-COV pool keeps BN + ReLU).
     """
+    channels = (64, 128, 256, 512)
 
     def __init__(
             self,
             layers: Tuple[int, ...] = (3, 4, 6, 3),
             num_classes: int = 1000,
             in_chans: int = 3,
-            attn_mode: Optional[str] = 'channel',
+            attn_mode: str = 'channel',
             attn_dim: Optional[int] = None,
             attn_stages: Tuple[bool, ...] = (True, True, True, True),
             last_stride: int = 1,
@@ -132,14 +117,14 @@ class GSoPResNet(GSoPNet):
     ):
         dd = {'device': device, 'dtype': dtype}
         super().__init__(
-            num_stages=4, layers=layers, num_classes=num_classes, in_chans=in_chans, attn_mode=attn_mode,
+            layers=layers, num_classes=num_classes, in_chans=in_chans, attn_mode=attn_mode,
             attn_dim=attn_dim, attn_stages=attn_stages, global_pool=global_pool, cov_dim=cov_dim,
             sqrt_iters=sqrt_iters, drop_rate=drop_rate, drop_path_rate=drop_path_rate,
             zero_init_last=zero_init_last, min_input_size=min_input_size)
-        if last_stride not in (1, 2) or isinstance(last_stride, bool):
+        if last_stride not in (1, 2) or not isinstance(last_stride, int) or isinstance(last_stride, bool):
             raise ValueError(f'last_stride must be 1 or 2, got {last_stride!r}')
-        act_layer = get_act_layer(act_layer)
-        norm_layer = get_norm_layer(norm_layer)
+        act_layer = resolve_layer('act_layer', act_layer, get_act_layer, '_ACT_LAYER_DEFAULT')
+        norm_layer = resolve_layer('norm_layer', norm_layer, get_norm_layer, '_NORM_MAP')
 
         self.conv1 = nn.Conv2d(in_chans, 64, kernel_size=7, stride=2, padding=3, bias=False, **dd)
         self.bn1 = norm_layer(64, **dd)
@@ -149,7 +134,7 @@ class GSoPResNet(GSoPNet):
 
         stages, stage_info = make_blocks(
             block_fn=GSoPBottleneck,
-            channels=(64, 128, 256, 512),
+            channels=self.channels,
             block_repeats=layers,
             strides=(1, 2, 2, last_stride),
             inplanes=64,
@@ -165,6 +150,7 @@ class GSoPResNet(GSoPNet):
         for stage in stages:
             self.add_module(*stage)
         self.feature_info.extend(stage_info)
+        self.norm, self.act = nn.Identity(), nn.Identity()  # a post-activation ResNet has no final norm
 
         self.num_features = stage_info[-1]['num_chs']
         self.init_head(global_pool, **dd)
@@ -174,71 +160,8 @@ class GSoPResNet(GSoPNet):
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
         return dict(stem=r'^conv1|bn1|maxpool', blocks=r'^layer(\d+)' if coarse else r'^layer(\d+)\.(\d+)')
 
-    def forward_intermediates(
-            self,
-            x: Tensor,
-            indices: Optional[Union[int, List[int]]] = None,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = 'NCHW',
-            intermediates_only: bool = False,
-    ) -> Union[List[Tensor], Tuple[Tensor, List[Tensor]]]:
-        """Forward that also returns feature maps: the stem (index 0) and the 4 stages (1-4)."""
-        assert output_fmt in ('NCHW',), 'Output shape must be NCHW.'
-        x = check_input_size(x, self.min_input_size)
-        intermediates = []
-        take_indices, max_index = feature_take_indices(5, indices)
-        x = self.act1(self.bn1(self.conv1(x)))
-        if 0 in take_indices:
-            intermediates.append(x)
-        x = self.maxpool(x)
-        stages = [self.layer1, self.layer2, self.layer3, self.layer4]
-        if stop_early:
-            stages = stages[:max_index]
-        for feat_idx, stage in enumerate(stages, start=1):
-            if self.grad_checkpointing and not torch.jit.is_scripting():
-                x = checkpoint_seq(stage, x)
-            else:
-                x = stage(x)
-            if feat_idx in take_indices:
-                intermediates.append(x)
-        if intermediates_only:
-            return intermediates
-        return x, intermediates
-
-    def prune_intermediate_layers(
-            self,
-            indices: Union[int, List[int]] = 1,
-            prune_norm: bool = False,
-            prune_head: bool = True,
-    ) -> List[int]:
-        """Drop the stages (and head) that the requested intermediates do not need."""
-        take_indices, max_index = feature_take_indices(5, indices)
-        for i in range(max_index, 4):
-            setattr(self, f'layer{i + 1}', nn.Sequential())
-        if max_index == 0:
-            self.maxpool = nn.Identity()
-        if max_index < 4:
-            self.num_features = self.head_hidden_size = self.feature_info[max_index]['num_chs']
-            self.reset_classifier(0, '')
-        elif prune_head:
-            self.reset_classifier(0, '')
-        return take_indices
-
-    def forward_features(self, x: Tensor) -> Tensor:
-        x = check_input_size(x, self.min_input_size)
-        x = self.maxpool(self.act1(self.bn1(self.conv1(x))))
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            x = checkpoint_seq([self.layer1, self.layer2, self.layer3, self.layer4], x, flatten=True)
-        else:
-            x = self.layer1(x)
-            x = self.layer2(x)
-            x = self.layer3(x)
-            x = self.layer4(x)
-        return x
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.forward_head(self.forward_features(x))
+    def forward_stem(self, x: Tensor) -> Tensor:
+        return self.act1(self.bn1(self.conv1(x)))
 
 
 def _create_gsop_resnet(variant: str, pretrained: bool = False, **kwargs) -> GSoPResNet:

@@ -19,19 +19,16 @@ Parameter names follow the ImageNet models (``conv1``, ``layerN``, ``global_pool
 the final ``norm`` / ``act``.
 """
 from functools import partial
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from timm.layers import DropPath, LayerType, get_act_layer, get_norm_layer
-from timm.models import checkpoint_seq, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
+from timm.layers import LayerType, get_act_layer, get_norm_layer
+from timm.models import generate_default_cfgs, register_model
 
-from ..layers._checks import check_positive_int
-from ._base import GSoPNet, check_input_size, make_blocks
+from ._base import MAX_CHANNELS, GSoPBottleneckBase, GSoPNet, check_int, make_blocks, resolve_layer
 from ._checkpoint import create_gsop_model
-from .gsop_resnet import _cfg
 
 __all__ = ['GSoPResNetCifar', 'GSoPPreActBottleneck', 'CIFAR100_MEAN', 'CIFAR100_STD']
 
@@ -39,14 +36,11 @@ CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR100_STD = (0.2673, 0.2564, 0.2762)
 
 
-class GSoPPreActBottleneck(nn.Module):
+class GSoPPreActBottleneck(GSoPBottleneckBase):
     """Pre-activation bottleneck with an optional attention layer at the end of the residual branch.
 
-    As in the ImageNet block, the attention layer gets the shortcut too (scale and add in one pass)
-    unless stochastic depth has to drop the branch between the two. The projection shortcut
-    (``downsample``, a bare 1x1 conv) takes the pre-activated input.
+    The projection shortcut (``downsample``, a bare 1x1 conv) takes the pre-activated input.
     """
-    expansion = 4
 
     def __init__(
             self,
@@ -73,9 +67,7 @@ class GSoPPreActBottleneck(nn.Module):
         self.bn3 = norm_layer(planes, **dd)
         self.act3 = act_layer(inplace=True)
         self.conv3 = nn.Conv2d(planes, outplanes, kernel_size=1, bias=False, **dd)
-        self.attn = attn_layer(outplanes, **dd) if attn_layer is not None else None
-        self.downsample = downsample
-        self.drop_path = DropPath(drop_path) if drop_path > 0. else None
+        self.init_residual(outplanes, downsample, attn_layer, drop_path, **dd)
 
     def zero_init_last(self) -> None:
         nn.init.zeros_(self.conv3.weight)
@@ -86,13 +78,7 @@ class GSoPPreActBottleneck(nn.Module):
         x = self.conv1(x_preact)
         x = self.conv2(self.act2(self.bn2(x)))
         x = self.conv3(self.act3(self.bn3(x)))
-        if self.attn is not None and self.drop_path is None:
-            return self.attn(x, shortcut)
-        if self.attn is not None:
-            x = self.attn(x)
-        if self.drop_path is not None:
-            x = self.drop_path(x)
-        return x + shortcut
+        return self.add_shortcut(x, shortcut)
 
 
 class GSoPResNetCifar(GSoPNet):
@@ -119,8 +105,7 @@ class GSoPResNetCifar(GSoPNet):
         num_classes: classifier outputs (0 for none).
         in_chans: input image channels.
         attn_mode: GSoP block mode: 'channel' (default), 'position', 'fusion_avg', 'fusion_max',
-            'fusion_concat'; 'none' or None for the same backbone without GSoP blocks (timm.create_model
-            drops None arguments: pass 'none' there).
+            'fusion_concat'; 'none' for the same backbone without GSoP blocks.
         attn_dim: channels of the GSoP block's reduced copy (64, see above).
         attn_stages: which of the 3 stages end with a GSoP block (Net1: all, Net2: the first two).
         global_pool: 'avg' (Net1) or 'isqrt' (Net2: iSQRT-COV pooling), any timm pool type, or ''.
@@ -135,13 +120,14 @@ class GSoPResNetCifar(GSoPNet):
 
     default_attn_dim = 64
     default_cov_dim = 64
+    channels = (16, 32, 64)
 
     def __init__(
             self,
             layers: Tuple[int, ...] = (18, 18, 18),
             num_classes: int = 100,
             in_chans: int = 3,
-            attn_mode: Optional[str] = 'channel',
+            attn_mode: str = 'channel',
             attn_dim: Optional[int] = None,
             attn_stages: Tuple[bool, ...] = (True, True, True),
             global_pool: str = 'avg',
@@ -159,20 +145,21 @@ class GSoPResNetCifar(GSoPNet):
     ):
         dd = {'device': device, 'dtype': dtype}
         super().__init__(
-            num_stages=3, layers=layers, num_classes=num_classes, in_chans=in_chans, attn_mode=attn_mode,
+            layers=layers, num_classes=num_classes, in_chans=in_chans, attn_mode=attn_mode,
             attn_dim=attn_dim, attn_stages=attn_stages, global_pool=global_pool, cov_dim=cov_dim,
             sqrt_iters=sqrt_iters, drop_rate=drop_rate, drop_path_rate=drop_path_rate,
             zero_init_last=zero_init_last, min_input_size=min_input_size)
-        check_positive_int('stem_chs', stem_chs)
-        act_layer = get_act_layer(act_layer)
-        norm_layer = get_norm_layer(norm_layer)
+        check_int('stem_chs', stem_chs, high=MAX_CHANNELS)
+        act_layer = resolve_layer('act_layer', act_layer, get_act_layer, '_ACT_LAYER_DEFAULT')
+        norm_layer = resolve_layer('norm_layer', norm_layer, get_norm_layer, '_NORM_MAP')
 
         # Pre-activation: the stem is a bare conv, the first block's BN-ReLU follows it.
         self.conv1 = nn.Conv2d(in_chans, stem_chs, kernel_size=3, stride=1, padding=1, bias=False, **dd)
+        self.maxpool = nn.Identity()  # the 32x32 input keeps its resolution into stage 1
         self.feature_info = [dict(num_chs=stem_chs, reduction=1, module='conv1')]
         stages, stage_info = make_blocks(
             block_fn=GSoPPreActBottleneck,
-            channels=(16, 32, 64),
+            channels=self.channels,
             block_repeats=layers,
             strides=(1, 2, 2),
             inplanes=stem_chs,
@@ -203,77 +190,8 @@ class GSoPResNetCifar(GSoPNet):
             stem=r'^conv1',
             blocks=r'^layer(\d+)' if coarse else [(r'^layer(\d+)\.(\d+)', None), (r'^norm', (99999,))])
 
-    def forward_intermediates(
-            self,
-            x: Tensor,
-            indices: Optional[Union[int, List[int]]] = None,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = 'NCHW',
-            intermediates_only: bool = False,
-    ) -> Union[List[Tensor], Tuple[Tensor, List[Tensor]]]:
-        """Forward that also returns feature maps: the stem (index 0) and the 3 stages (1-3).
-
-        ``norm=True`` gives the last stage after the final BN-ReLU (what ``features_only`` returns).
-        """
-        assert output_fmt in ('NCHW',), 'Output shape must be NCHW.'
-        x = check_input_size(x, self.min_input_size)
-        intermediates = []
-        take_indices, max_index = feature_take_indices(4, indices)
-        x = self.conv1(x)
-        if 0 in take_indices:
-            intermediates.append(x)
-        stages = [self.layer1, self.layer2, self.layer3]
-        if stop_early:
-            stages = stages[:max_index]
-        for feat_idx, stage in enumerate(stages, start=1):
-            if self.grad_checkpointing and not torch.jit.is_scripting():
-                x = checkpoint_seq(stage, x)
-            else:
-                x = stage(x)
-            feat = x
-            if feat_idx == 3:
-                x = self.act(self.norm(x))
-                if norm:
-                    feat = x
-            if feat_idx in take_indices:
-                intermediates.append(feat)
-        if intermediates_only:
-            return intermediates
-        return x, intermediates
-
-    def prune_intermediate_layers(
-            self,
-            indices: Union[int, List[int]] = 1,
-            prune_norm: bool = False,
-            prune_head: bool = True,
-    ) -> List[int]:
-        """Drop the stages (final norm, head) that the requested intermediates do not need."""
-        take_indices, max_index = feature_take_indices(4, indices)
-        for i in range(max_index, 3):
-            setattr(self, f'layer{i + 1}', nn.Sequential())
-        if prune_norm or max_index < 3:
-            self.norm, self.act = nn.Identity(), nn.Identity()
-        if max_index < 3:
-            self.num_features = self.head_hidden_size = self.feature_info[max_index]['num_chs']
-            self.reset_classifier(0, '')
-        elif prune_head:
-            self.reset_classifier(0, '')
-        return take_indices
-
-    def forward_features(self, x: Tensor) -> Tensor:
-        x = check_input_size(x, self.min_input_size)
-        x = self.conv1(x)
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            x = checkpoint_seq([self.layer1, self.layer2, self.layer3], x, flatten=True)
-        else:
-            x = self.layer1(x)
-            x = self.layer2(x)
-            x = self.layer3(x)
-        return self.act(self.norm(x))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.forward_head(self.forward_features(x))
+    def forward_stem(self, x: Tensor) -> Tensor:
+        return self.conv1(x)
 
 
 def _create_gsop_resnet_cifar(variant: str, pretrained: bool = False, **kwargs) -> GSoPResNetCifar:
@@ -281,13 +199,21 @@ def _create_gsop_resnet_cifar(variant: str, pretrained: bool = False, **kwargs) 
         GSoPResNetCifar, variant, pretrained, feature_cfg=dict(out_indices=(0, 1, 2, 3)), **kwargs)
 
 
+def _cfg(**kwargs) -> Dict[str, Any]:
+    return {
+        'url': '',
+        'num_classes': 100, 'input_size': (3, 32, 32), 'pool_size': (8, 8), 'min_input_size': (3, 32, 32),
+        'crop_pct': 1.0, 'interpolation': 'bilinear', 'mean': CIFAR100_MEAN, 'std': CIFAR100_STD,
+        'first_conv': 'conv1', 'classifier': 'fc',
+        'paper_ids': 'arXiv:1811.12006', 'paper_name': 'Global Second-order Pooling Convolutional Networks',
+        **kwargs,
+    }
+
+
 # No weights exist: the tags name architectures only (no url / hf_hub_id).
-_CIFAR100_CFG = dict(
-    num_classes=100, input_size=(3, 32, 32), pool_size=(8, 8), min_input_size=(3, 32, 32), crop_pct=1.0,
-    mean=CIFAR100_MEAN, std=CIFAR100_STD, origin_url=None)
 default_cfgs = generate_default_cfgs({
-    'gsop_resnet164_cifar': _cfg(**_CIFAR100_CFG),
-    'gsop2_resnet164_cifar': _cfg(**_CIFAR100_CFG),
+    'gsop_resnet164_cifar': _cfg(),
+    'gsop2_resnet164_cifar': _cfg(),
 })
 
 
