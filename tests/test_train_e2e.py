@@ -1,9 +1,11 @@
-"""End to end with timm's real train.py: GSoP-Net2 with a fusion mode and EMA, 2 epochs on CPU.
+"""End to end with timm's real train.py: GSoP-Net2 with a fusion mode and EMA, 2 epochs on CPU, then the
+user's next steps (validate.py with only --checkpoint; fine-tuning to other classes), and an export.
 
 train.py is found as ``train_timm.sh`` finds it (TIMM_TRAIN_PY, or the checkout cached at the
 installed timm version's tag) but never fetched: without it these tests skip.
 """
 import csv
+import json
 import os
 import runpy
 import subprocess
@@ -15,6 +17,8 @@ import torch
 from timm_gsop.demo_data import make_demo_dataset
 from timm_gsop.recipes import RECIPES
 from timm_gsop.timm_scripts import TimmScriptNotFound, find_script
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _train_py():
@@ -74,6 +78,27 @@ def test_gsop2_fusion_ema_trains_and_reloads(tmp_path):
     # The checkpoint is specific to the architecture it was trained as.
     with pytest.raises(RuntimeError):
         timm.create_model('gsop2_resnet50', attn_mode='fusion_concat', num_classes=2, checkpoint_path=str(best))
+
+    # validate.py with only the checkpoint: model, kwargs, classes, size, crop, device and EMA from args.yaml
+    # give the run's own best top-1.
+    proc = subprocess.run(['bash', os.path.join(ROOT, 'train_timm.sh'), '--validate', '--checkpoint', str(best),
+                           '--workers', '0'], env=dict(env, PYTHON=sys.executable), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(proc.stdout.split('--result\n')[-1])
+    assert f"{result['top1']:.3f}" == f"{max(float(r['eval_top1']) for r in rows):.3f}"
+
+    # Fine-tuning to 3 classes the way the launcher's error says: --pretrained --pretrained-path.
+    cmd_ft = cmd[:cmd.index('--num-classes')] + [
+        '--num-classes', '3', '--pretrained', '--pretrained-path', str(best), '--epochs', '1', '--lr', '0',
+        '--warmup-epochs', '0', '--img-size', '64',
+        '--device', 'cpu', '--batch-size', '4', '--workers', '0', '--output', str(out), '--experiment', 'ft']
+    proc = subprocess.run(cmd_ft, env=env, capture_output=True, text=True, timeout=480)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    tuned = torch.load(out / 'ft' / 'last.pth.tar', map_location='cpu', weights_only=False)['state_dict']
+    assert tuned['fc.weight'].shape[0] == 3
+    # lr 0: the convolutions are the checkpoint's (EMA) weights, loaded through timm's pretrained path
+    assert all(torch.equal(tuned[k], v) for k, v in ckpt['state_dict_ema'].items() if k.endswith('conv1.weight'))
 
 
 def test_demo_run_exports_a_folder_that_reproduces_its_card(tmp_path):
