@@ -359,4 +359,21 @@ def test_launcher_refuses_a_mismatch_before_the_script_runs(tmp_path):
     proc = run_sh('--validate', '--checkpoint', str(run / 'model_best.pth.tar'),
                   env=dict(os.environ, TIMM_VALIDATE_PY=str(fake)))
     assert proc.returncode == 2 and proc.stdout == ''  # validate.py never ran
-    assert 'does not fit' in proc.stderr and '--model-kwargs' in proc.stderr
+    assert f'timm_gsop: {run / "model_best.pth.tar"}: ' in proc.stderr and '--model-kwargs' in proc.stderr
+
+
+def test_demo_never_replaces_a_folder_it_did_not_make(tmp_path):
+    own = tmp_path / 'photos'
+    own.mkdir()
+    (own / 'holiday.jpg').write_bytes(b'mine')
+    proc = subprocess.run([sys.executable, '-m', 'timm_gsop.demo_data', str(own), '--train-per-class', '1',
+                           '--val-per-class', '1', '--num-classes', '1'], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.startswith(f'demo_data: {own} is not empty and holds no demo set')
+    assert [p.name for p in own.iterdir()] == ['holiday.jpg']
+    demo = tmp_path / 'demo'
+    for n in (1, 2):  # a demo set with other arguments is replaced
+        proc = subprocess.run([sys.executable, '-m', 'timm_gsop.demo_data', str(demo), '--train-per-class', '1',
+                               '--val-per-class', '1', '--num-classes', str(n)], capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        assert len(list((demo / 'train').iterdir())) == n

@@ -251,7 +251,7 @@ def check_checkpoint(name: str, argv: List[str]) -> None:
                     f'{path} has {ckpt_classes} classes, the model {model.num_classes}. To fine-tune it on '
                     f'{model.num_classes} classes (a new classifier), pass --pretrained --pretrained-path {path} '
                     f'instead of --initial-checkpoint; to keep its classifier, --num-classes {ckpt_classes}.')
-        raise LaunchError(f'{path} does not fit {" ".join(options)}\'s model: {e}')
+        raise LaunchError(f'{path}: {e}')
 
 
 def run_script(name: str, argv=None) -> None:
