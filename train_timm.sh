@@ -116,6 +116,8 @@ last_value() {
 
 [[ -z "$NPROC" || "$NPROC" =~ ^[1-9][0-9]*$ ]] || die "--nproc-per-node must be a positive integer, got '$NPROC'"
 [[ -z "$NNODES" || "$NNODES" =~ ^[1-9][0-9]*$ ]] || die "--nnodes must be a positive integer, got '$NNODES'"
+[[ "$RDZV_BACKEND" =~ ^(|static|c10d|etcd|etcd-v2)$ ]] ||
+  die "--rdzv-backend must be one of static, c10d, etcd, etcd-v2 (torchrun's), got '$RDZV_BACKEND'"
 if [[ -n "$NODE_RANK" ]]; then
   [[ "$NODE_RANK" =~ ^[0-9]+$ && -n "$NNODES" ]] && ((10#$NODE_RANK < NNODES)) ||
     die "--node-rank must be 0 .. --nnodes - 1 (${NNODES:-no --nnodes given}), got '$NODE_RANK'"

@@ -151,7 +151,7 @@ def test_benchmark_runs_gsop_models():
         pytest.skip(str(e).splitlines()[0])
     cmd = [sys.executable, '-m', 'timm_gsop.benchmark', '--model', 'gsop2_resnet50', '--model-kwargs',
            'layers=(1,1,1,1)', '--device', 'cpu', '--bench', 'train', '--batch-size', '2', '--img-size', '64',
-           '--num-warm-iter', '1', '--num-bench-iter', '1', '--no-retry']
+           '--num-warm-iter', '1', '--num-bench-iter', '5', '--no-retry']
     proc = subprocess.run(cmd, env=dict(os.environ, TIMM_BENCHMARK_PY=benchmark_py, OMP_NUM_THREADS='2'),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

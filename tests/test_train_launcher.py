@@ -248,6 +248,8 @@ def test_recipes_module_help():
     (['--nnodes', '2', '--node-rank', '-7'], "--node-rank must be 0 .. --nnodes - 1 (2), got '-7'"),
     (['--nnodes', '2', '--node-rank', '2'], "--node-rank must be 0 .. --nnodes - 1 (2), got '2'"),
     (['--node-rank', 'x'], "--node-rank must be 0 .. --nnodes - 1 (no --nnodes given), got 'x'"),
+    (['--nnodes', '2', '--node-rank', '0', '--rdzv-backend', 'foo'],
+     "--rdzv-backend must be one of static, c10d, etcd, etcd-v2 (torchrun's), got 'foo'"),
 ])
 def test_bad_torchrun_values_are_refused(tmp_path, args, message):
     proc = run_sh('--dry-run', '--nproc-per-node', '2', '--rdzv-endpoint', 'h:1', *args, '--data-dir', str(tmp_path))
