@@ -379,3 +379,15 @@ def test_demo_never_replaces_a_folder_it_did_not_make(tmp_path):
                               timeout=120)
         assert proc.returncode == 0, proc.stderr
         assert len(list((demo / 'train').iterdir())) == n
+
+
+@pytest.mark.parametrize('content', [b'', b'hello\n'])
+def test_unreadable_checkpoint_is_one_line(tmp_path, content):
+    ckpt = tmp_path / 'broken.pth.tar'
+    ckpt.write_bytes(content)
+    with pytest.raises(LaunchError) as e:
+        check_checkpoint('train.py', ['--model', 'gsop_resnet50', '--resume', str(ckpt)])
+    assert str(e.value).startswith(f'{ckpt} is not a readable checkpoint (') and '\n' not in str(e.value)
+    with pytest.raises(LaunchError, match="^--model gsop_resnet50 with these options: ValueError: .*'channel'"):
+        check_checkpoint('validate.py', ['--model', 'gsop_resnet50', '--model-kwargs', 'attn_mode=foo',
+                                         '--checkpoint', str(_run_folder(tmp_path) / 'model_best.pth.tar')])

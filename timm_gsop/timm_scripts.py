@@ -229,13 +229,19 @@ def check_checkpoint(name: str, argv: List[str]) -> None:
     parser.add_argument('--in-chans', type=int)
     parser.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs)
     flags, _ = parser.parse_known_args(argv)
+    def first_line(e: BaseException) -> str:
+        return f'{type(e).__name__}: {str(e).splitlines()[0]}' if str(e).strip() else type(e).__name__
+
     try:
         _, state_dict = state_dict_from_checkpoint(load_checkpoint_file(path))
+    except Exception as e:  # whatever the file holds, one line (pickle never runs: weights_only)
+        raise LaunchError(f'{path} is not a readable checkpoint ({first_line(e)})')
+    try:
         with torch.device('meta'):  # shapes only
             model = timm.create_model(
                 model_name, num_classes=flags.num_classes, in_chans=flags.in_chans or 3, **flags.model_kwargs)
-    except (CheckpointError, OSError, RuntimeError, TypeError, ValueError) as e:
-        raise LaunchError(f'{path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}')
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise LaunchError(f'--model {model_name} with these options: {first_line(e)}')
     try:
         check_state_dict_fits(state_dict, model, model_name=model_name, cli=True)
     except CheckpointError as e:
