@@ -23,6 +23,7 @@ weights are checked against the model the flags describe, and a mismatch says wh
 import argparse
 import os
 import runpy
+import shlex
 import shutil
 import subprocess
 import sys
@@ -203,7 +204,7 @@ def run_defaults(argv: List[str]) -> List[str]:
             out += [option] + [f'{k}={v if isinstance(v, str) else repr(v)}' for k, v in value.items()]
         else:
             out += [option] + [str(v) for v in (value if isinstance(value, list) else [value])]
-    print(f'timm_gsop: from {run_args}: {" ".join(out)}', file=sys.stderr)
+    print(f'timm_gsop: from {run_args}: {shlex.join(out)}', file=sys.stderr)  # a command line to copy
     return out
 
 
