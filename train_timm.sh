@@ -16,6 +16,8 @@ Usage: ./train_timm.sh [options] [train.py arguments...]
 Runs timm's reference train.py with the GSoP-Net models registered (python -m timm_gsop.train).
 Every argument that is not an option below goes to train.py unchanged, after the recipe's, so
 later arguments win (train.py keeps the last occurrence of an option).
+--validate and --benchmark run validate.py / benchmark.py the same way; --validate --checkpoint
+RUN/model_best.pth.tar takes the options you do not give from the run's RUN/args.yaml.
 
 With no dataset (no --data-dir / --dataset / --config) and no recipe, trains a small GSoP-Net on a
 generated 10-class shapes ImageFolder (no download; on CPU when there is no GPU) and prints where
@@ -24,12 +26,13 @@ the best checkpoint is and its validation top-1.
 Options:
   --recipe NAME            put recipe NAME's train.py arguments first (see --list-recipes)
   --list-recipes           list the recipes and exit
-  --nproc-per-node N       run under torchrun with N processes per node (GPUs: CPU cannot do DDP here)
+  --nproc-per-node N       run under torchrun with N processes per node, one GPU each
   --nnodes N               number of nodes (with --node-rank and --rdzv-endpoint)
   --node-rank R            this node's rank, 0 .. N-1
   --rdzv-endpoint H:P      rendezvous host:port (node 0's address)
   --rdzv-backend NAME      torchrun rendezvous backend (default: torchrun's, static)
-  --validate               run timm's validate.py instead (python -m timm_gsop.validate), no recipe
+  --validate               run timm's validate.py instead (python -m timm_gsop.validate)
+  --benchmark              run timm's benchmark.py instead (python -m timm_gsop.benchmark)
   --dry-run                print the command and exit (fetches and writes nothing)
   --help-train             show train.py's own --help
   -h, --help               show this help
@@ -41,13 +44,15 @@ Environment:
   PYTHON                   interpreter to use (default: python3 on PATH)
   TIMM_TRAIN_PY            path to timm's train.py; else a checkout cached at the installed timm
   TIMM_VALIDATE_PY         version's tag under ~/.cache/timm_gsop (TIMM_GSOP_CACHE_DIR), else a
-                           shallow git clone there
+  TIMM_BENCHMARK_PY        shallow git clone there (validate.py, benchmark.py: beside train.py)
   TIMM_GSOP_DEMO_DIR       where the demo's shapes dataset is written (default: the cache dir)
 
 Examples:
   ./train_timm.sh                                             # the CPU demo
   ./train_timm.sh --recipe paper-net1 --data-dir /data/imagenet --amp
   ./train_timm.sh --recipe paper-net2 --nproc-per-node 8 --batch-size 32 --data-dir /data/imagenet
+  ./train_timm.sh --validate --checkpoint output/train/RUN/model_best.pth.tar
+  ./train_timm.sh --benchmark --model gsop_resnet50 --device cpu --bench inference
 EOF
 }
 
@@ -62,7 +67,7 @@ while [[ $# -gt 0 ]]; do
     --help-train) MODE=help-train; shift ;;
     --list-recipes) "$PYTHON" "$HERE/timm_gsop/recipes.py"; exit 0 ;;
     --dry-run) DRY_RUN=1; shift ;;
-    --validate) MODE=validate; shift ;;
+    --validate|--benchmark) MODE="${1#--}"; shift ;;
     --recipe|--nproc-per-node|--nnodes|--node-rank|--rdzv-endpoint|--rdzv-backend)
       [[ $# -ge 2 ]] || die "$1 needs a value"
       set -- "$1=$2" "${@:3}" ;;  # handled as --opt=value below
@@ -109,10 +114,17 @@ last_value() {
   printf '%s' "$value"
 }
 
-MODULE=timm_gsop.train
-[[ "$MODE" == validate ]] && MODULE=timm_gsop.validate
+[[ -z "$NPROC" || "$NPROC" =~ ^[1-9][0-9]*$ ]] || die "--nproc-per-node must be a positive integer, got '$NPROC'"
+[[ -z "$NNODES" || "$NNODES" =~ ^[1-9][0-9]*$ ]] || die "--nnodes must be a positive integer, got '$NNODES'"
+[[ "$RDZV_BACKEND" =~ ^(|static|c10d|etcd|etcd-v2)$ ]] ||
+  die "--rdzv-backend must be one of static, c10d, etcd, etcd-v2 (torchrun's), got '$RDZV_BACKEND'"
+if [[ -n "$NODE_RANK" ]]; then
+  [[ "$NODE_RANK" =~ ^[0-9]+$ && -n "$NNODES" ]] && ((10#$NODE_RANK < NNODES)) ||
+    die "--node-rank must be 0 .. --nnodes - 1 (${NNODES:-no --nnodes given}), got '$NODE_RANK'"
+fi
+
+MODULE="timm_gsop.$MODE"
 if [[ -n "$NPROC" ]]; then
-  [[ "$NPROC" =~ ^[1-9][0-9]*$ ]] || die "--nproc-per-node must be a positive integer, got '$NPROC'"
   LAUNCH=("$PYTHON" -m torch.distributed.run --nproc-per-node "$NPROC")
   if [[ -n "$NNODES" && "$NNODES" != 1 ]]; then
     [[ -n "$RDZV_ENDPOINT" ]] || die "--nnodes $NNODES needs --rdzv-endpoint HOST:PORT (node 0's address)"
@@ -133,9 +145,9 @@ fi
 
 PRE_ARGS=()
 DEMO=0
-if [[ "$MODE" == validate ]]; then
-  [[ -z "$RECIPE" ]] || die "--recipe is for training, not with --validate"
-  [[ -z "$NPROC$NNODES" ]] || die "--validate runs one process (validate.py has no distributed mode)"
+if [[ "$MODE" != train ]]; then
+  [[ -z "$RECIPE" ]] || die "--recipe is for training, not with --$MODE"
+  [[ -z "$NPROC$NNODES" ]] || die "--$MODE runs one process ($MODE.py has no distributed mode)"
 elif [[ -n "$RECIPE" ]]; then
   RECIPE_OUT="$("$PYTHON" "$HERE/timm_gsop/recipes.py" "$RECIPE")" || exit 2
   mapfile -t PRE_ARGS <<<"$RECIPE_OUT"
@@ -146,13 +158,17 @@ elif ! has_arg --data-dir --dataset -c --config; then
   DEMO=1
 fi
 
-# Find train.py / validate.py before any work (fetching it if needed), so that torchrun's processes
-# share the one path. A dry run fetches nothing.
+# Before any work: train.py's distributed mode runs one process per GPU (DDP on the CPU fails inside
+# it), so refuse what this node cannot run; then find the script (fetching it if needed), so that
+# torchrun's processes share the one path. A dry run checks and fetches nothing.
 if [[ "$DRY_RUN" == 0 ]]; then
-  SCRIPT=train.py; VAR=TIMM_TRAIN_PY
-  if [[ "$MODE" == validate ]]; then SCRIPT=validate.py; VAR=TIMM_VALIDATE_PY; fi
-  SCRIPT_PATH="$("$PYTHON" "$HERE/timm_gsop/timm_scripts.py" "$SCRIPT")" || exit 2
-  export "$VAR=$SCRIPT_PATH"
+  if [[ -n "$NPROC" ]]; then
+    GPUS="$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())')" || exit 2
+    ((GPUS >= NPROC)) || die "--nproc-per-node $NPROC needs $NPROC GPUs on this node, found $GPUS" \
+      "(train.py's distributed mode runs one process per GPU): drop --nproc-per-node to train in one process"
+  fi
+  SCRIPT_PATH="$("$PYTHON" "$HERE/timm_gsop/timm_scripts.py" "$MODE.py")" || exit 2
+  export "TIMM_$(tr a-z A-Z <<<"$MODE")_PY=$SCRIPT_PATH"
 fi
 
 if [[ "$DEMO" == 1 ]]; then
@@ -209,5 +225,7 @@ if rows:
     print(f'Validation top-1: {float(best["eval_top1"]):.2f}% (best, epoch {best["epoch"]}); '
           f'last epoch {rows[-1]["epoch"]}: {float(rows[-1]["eval_top1"]):.2f}%')
 print(f'Summary: {os.path.abspath(summary)}')
+if os.path.isfile(ckpt):
+    print(f'Validate it: ./train_timm.sh --validate --checkpoint {os.path.abspath(ckpt)}')
 EOF
 fi

@@ -1,9 +1,11 @@
-"""End to end with timm's real train.py: GSoP-Net2 with a fusion mode and EMA, 2 epochs on CPU.
+"""End to end with timm's real train.py: GSoP-Net2 with a fusion mode and EMA, 2 epochs on CPU, then the
+user's next steps (validate.py with only --checkpoint; fine-tuning to other classes), and an export.
 
 train.py is found as ``train_timm.sh`` finds it (TIMM_TRAIN_PY, or the checkout cached at the
 installed timm version's tag) but never fetched: without it these tests skip.
 """
 import csv
+import json
 import os
 import runpy
 import subprocess
@@ -15,6 +17,8 @@ import torch
 from timm_gsop.demo_data import make_demo_dataset
 from timm_gsop.recipes import RECIPES
 from timm_gsop.timm_scripts import TimmScriptNotFound, find_script
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _train_py():
@@ -75,6 +79,29 @@ def test_gsop2_fusion_ema_trains_and_reloads(tmp_path):
     with pytest.raises(RuntimeError):
         timm.create_model('gsop2_resnet50', attn_mode='fusion_concat', num_classes=2, checkpoint_path=str(best))
 
+    # validate.py with only the checkpoint: model, kwargs, classes, size, crop, device and EMA from args.yaml
+    # give the run's own best top-1.
+    proc = subprocess.run(['bash', os.path.join(ROOT, 'train_timm.sh'), '--validate', '--checkpoint', str(best),
+                           '--workers', '0'], env=dict(env, PYTHON=sys.executable), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(proc.stdout.split('--result\n')[-1])
+    assert f"{result['top1']:.3f}" == f"{max(float(r['eval_top1']) for r in rows):.3f}"
+
+    # Fine-tuning to 3 classes the way the launcher's error says: --pretrained --pretrained-path.
+    cmd_ft = cmd[:cmd.index('--num-classes')] + [
+        '--num-classes', '3', '--pretrained', '--pretrained-path', str(best), '--epochs', '1', '--lr', '1e-12',
+        '--warmup-epochs', '0', '--img-size', '64',
+        '--device', 'cpu', '--batch-size', '4', '--workers', '0', '--output', str(out), '--experiment', 'ft']
+    proc = subprocess.run(cmd_ft, env=env, capture_output=True, text=True, timeout=480)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    tuned = torch.load(out / 'ft' / 'last.pth.tar', map_location='cpu', weights_only=False)['state_dict']
+    assert tuned['fc.weight'].shape[0] == 3
+    # lr ~0 (train.py reads 0 as "not given"): the convolutions are still the checkpoint's (EMA) weights,
+    # loaded through timm's pretrained path.
+    convs = [k for k in ckpt['state_dict_ema'] if k.endswith('conv1.weight')]
+    assert convs and all(torch.allclose(tuned[k], ckpt['state_dict_ema'][k], atol=1e-6) for k in convs)
+
 
 def test_demo_run_exports_a_folder_that_reproduces_its_card(tmp_path):
     """The Hub user's path with the real train.py: a run at 64 px / crop 0.9 with its own mean and std,
@@ -113,3 +140,20 @@ def test_demo_run_exports_a_folder_that_reproduces_its_card(tmp_path):
     top1 = 100.0 * sum(names[p] == f.parent.name for p, f in zip(preds, files)) / len(files)
     assert f'{top1:.2f}' == f'{card_top1:.2f}'
     assert tuple(model.pretrained_cfg['input_size']) == (3, 64, 64) and model.pretrained_cfg['crop_pct'] == 0.9
+
+
+def test_benchmark_runs_gsop_models():
+    """timm's benchmark.py knows the GSoP models through ``python -m timm_gsop.benchmark``."""
+    _train_py()
+    try:
+        benchmark_py = find_script('benchmark.py', fetch=False)
+    except TimmScriptNotFound as e:
+        pytest.skip(str(e).splitlines()[0])
+    cmd = [sys.executable, '-m', 'timm_gsop.benchmark', '--model', 'gsop2_resnet50', '--model-kwargs',
+           'layers=(1,1,1,1)', '--device', 'cpu', '--bench', 'train', '--batch-size', '2', '--img-size', '64',
+           '--num-warm-iter', '1', '--num-bench-iter', '5', '--no-retry']
+    proc = subprocess.run(cmd, env=dict(os.environ, TIMM_BENCHMARK_PY=benchmark_py, OMP_NUM_THREADS='2'),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(proc.stdout.split('--result\n')[-1])
+    assert result['model'] == 'gsop2_resnet50' and result['train_samples_per_sec'] > 0

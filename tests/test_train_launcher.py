@@ -13,11 +13,13 @@ from pathlib import Path
 import pytest
 
 from timm_gsop import recipes
-from timm_gsop.timm_scripts import TimmScriptNotFound, checkout_dir, find_script, timm_git_ref
+from timm_gsop.timm_scripts import (
+    LaunchError, TimmScriptNotFound, check_checkpoint, checkout_dir, find_script, run_defaults, timm_git_ref)
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / 'train_timm.sh'
-_ENV_VARS = ('TIMM_TRAIN_PY', 'TIMM_VALIDATE_PY', 'TIMM_GSOP_CACHE_DIR', 'TIMM_GSOP_TIMM_REPO', 'TIMM_GSOP_DEMO_DIR')
+_ENV_VARS = ('TIMM_TRAIN_PY', 'TIMM_VALIDATE_PY', 'TIMM_BENCHMARK_PY', 'TIMM_GSOP_CACHE_DIR', 'TIMM_GSOP_TIMM_REPO',
+             'TIMM_GSOP_DEMO_DIR')
 
 
 @pytest.fixture
@@ -140,7 +142,7 @@ def test_help_documents_own_options():
     proc = run_sh('--help')
     assert proc.returncode == 0
     for opt in ('--recipe', '--nproc-per-node', '--nnodes', '--node-rank', '--rdzv-endpoint', '--dry-run',
-                '--help-train', 'TIMM_TRAIN_PY', *recipes.recipe_names()):
+                '--help-train', '--validate', '--benchmark', 'TIMM_TRAIN_PY', 'TIMM_BENCHMARK_PY', *recipes.recipe_names()):
         assert opt in proc.stdout
 
 
@@ -193,15 +195,20 @@ def test_git_ref():
     assert checkout_dir('v1.0.31').endswith('pytorch-image-models-v1.0.31')
 
 
-def test_module_runs_script_as_main_with_models_registered(tmp_path):
-    fake = tmp_path / 'train.py'
-    fake.write_text(
+def _fake_script(path):
+    path.write_text(
         'import json, sys, timm\n'
         'if __name__ == "__main__":\n'
         '    print(json.dumps(dict(argv=sys.argv, gsop="gsop2_resnet50" in timm.list_models("gsop*"))))\n')
-    env = dict(os.environ, TIMM_TRAIN_PY=str(fake))
+    return path
+
+
+@pytest.mark.parametrize('script', ['train', 'validate', 'benchmark'])
+def test_module_runs_script_as_main_with_models_registered(tmp_path, script):
+    fake = _fake_script(tmp_path / f'{script}.py')
+    env = dict(os.environ, **{f'TIMM_{script.upper()}_PY': str(fake)})
     proc = subprocess.run(
-        [sys.executable, '-m', 'timm_gsop.train', '--model', 'gsop2_resnet50', '--x=1 2'],
+        [sys.executable, '-m', f'timm_gsop.{script}', '--model', 'gsop2_resnet50', '--x=1 2'],
         env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     import json
@@ -233,3 +240,154 @@ def test_recipes_module_help():
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and proc.stdout.startswith('usage: python -m timm_gsop.recipes [NAME]')
     assert all(name in proc.stdout for name in recipes.recipe_names()) and 'Unknown recipe' not in proc.stderr
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--nnodes', 'abc'], "--nnodes must be a positive integer, got 'abc'"),
+    (['--nproc-per-node', '0'], "--nproc-per-node must be a positive integer, got '0'"),
+    (['--nnodes', '2', '--node-rank', '-7'], "--node-rank must be 0 .. --nnodes - 1 (2), got '-7'"),
+    (['--nnodes', '2', '--node-rank', '2'], "--node-rank must be 0 .. --nnodes - 1 (2), got '2'"),
+    (['--node-rank', 'x'], "--node-rank must be 0 .. --nnodes - 1 (no --nnodes given), got 'x'"),
+    (['--nnodes', '2', '--node-rank', '0', '--rdzv-backend', 'foo'],
+     "--rdzv-backend must be one of static, c10d, etcd, etcd-v2 (torchrun's), got 'foo'"),
+])
+def test_bad_torchrun_values_are_refused(tmp_path, args, message):
+    proc = run_sh('--dry-run', '--nproc-per-node', '2', '--rdzv-endpoint', 'h:1', *args, '--data-dir', str(tmp_path))
+    assert proc.returncode == 2 and proc.stdout == ''
+    assert proc.stderr.strip() == f'train_timm: {message}'
+
+
+def test_ddp_without_gpus_is_refused_before_torchrun(offline, tmp_path):
+    import torch
+    if torch.cuda.device_count() >= 2:
+        pytest.skip('this machine has the GPUs')
+    proc = run_sh('--nproc-per-node', '2', '--data-dir', str(tmp_path))
+    assert proc.returncode == 2 and proc.stdout == ''
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        f'train_timm: --nproc-per-node 2 needs 2 GPUs on this node, found {torch.cuda.device_count()}')
+    assert not offline.exists()  # refused before train.py was looked for
+
+
+def test_benchmark_mode(tmp_path):
+    cmd = dry_run('--benchmark', '--model', 'gsop_resnet50', '--bench', 'inference')
+    assert cmd == [sys.executable, '-m', 'timm_gsop.benchmark', '--model', 'gsop_resnet50', '--bench', 'inference']
+    proc = run_sh('--dry-run', '--benchmark', '--recipe', 'paper-net1')
+    assert proc.returncode == 2 and '--recipe is for training, not with --benchmark' in proc.stderr
+    own = tmp_path / 'own'
+    own.mkdir()
+    (own / 'train.py').write_text('')
+    fake = _fake_script(own / 'benchmark.py')  # found beside TIMM_TRAIN_PY
+    proc = run_sh('--benchmark', '--model', 'gsop_resnet50', env=dict(os.environ, TIMM_TRAIN_PY=str(own / 'train.py')))
+    assert proc.returncode == 0, proc.stderr
+    assert '"gsop": true' in proc.stdout and str(fake) in proc.stdout
+
+
+# --- validate.py with a run's args.yaml, and the checkpoint checked against the flags -------------------------
+
+def _run_folder(tmp_path, **run_args):
+    """A training run's folder: a 10-class gsop_resnet50 with one block per stage, and its args.yaml."""
+    import timm
+    import torch
+    import yaml
+    import timm_gsop  # noqa: F401
+    run = tmp_path / 'run'
+    run.mkdir()
+    model = timm.create_model('gsop_resnet50', layers=(1, 1, 1, 1), num_classes=10)
+    torch.save({'epoch': 3, 'state_dict': model.state_dict()}, run / 'model_best.pth.tar')
+    args = dict(model='gsop_resnet50', model_kwargs={'layers': [1, 1, 1, 1], 'attn_mode': 'channel'},
+                num_classes=10, img_size=64, input_size=None, crop_pct=1.0, mean=[0.5, 0.4, 0.3], std=None,
+                interpolation='', device='cpu', data_dir=str(tmp_path / 'data'), dataset='', val_split='validation',
+                model_ema=True, no_prefetcher=False, epochs=5)
+    args.update(run_args)
+    (run / 'args.yaml').write_text(yaml.safe_dump(args))
+    return run
+
+
+def test_validate_takes_the_run_settings_from_args_yaml(tmp_path):
+    run = _run_folder(tmp_path)
+    fake = _fake_script(tmp_path / 'validate.py')
+    env = dict(os.environ, TIMM_VALIDATE_PY=str(fake))
+    proc = run_sh('--validate', '--checkpoint', str(run / 'model_best.pth.tar'), '--crop-pct', '0.9', env=env)
+    assert proc.returncode == 0, proc.stderr
+    import json
+    argv = json.loads(proc.stdout.strip().splitlines()[-1])['argv'][1:]
+    assert argv == [
+        '--model', 'gsop_resnet50', '--model-kwargs', 'attn_mode=channel', 'layers=[1, 1, 1, 1]',
+        '--num-classes', '10', '--img-size', '64', '--mean', '0.5', '0.4', '0.3', '--device', 'cpu',
+        '--data-dir', str(tmp_path / 'data'), '--split', 'validation', '--use-ema',
+        '--checkpoint', str(run / 'model_best.pth.tar'), '--crop-pct', '0.9']  # the user's crop wins
+    assert f'from {run / "args.yaml"}' in proc.stderr
+    # the user's --input-size stands for the run's --img-size too
+    assert '--img-size' not in run_defaults(['--checkpoint', str(run / 'model_best.pth.tar'), '--input-size', '3', '9', '9'])
+    assert run_defaults(['--checkpoint', str(tmp_path / 'elsewhere' / 'x.pth')]) == []  # no args.yaml: nothing
+
+
+@pytest.mark.parametrize('content', ['- a list', 'model: [unclosed', b'\xff\xfe'])
+def test_unreadable_args_yaml_is_one_line(tmp_path, content):
+    run = _run_folder(tmp_path)
+    (run / 'args.yaml').write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(LaunchError, match='args.yaml') as e:
+        run_defaults(['--checkpoint', str(run / 'model_best.pth.tar')])
+    assert '\n' not in str(e.value)
+
+
+def test_checkpoint_mismatch_speaks_in_launcher_flags(tmp_path):
+    ckpt = str(_run_folder(tmp_path) / 'model_best.pth.tar')
+    check_checkpoint('validate.py', ['--model', 'gsop_resnet50', '--model-kwargs', 'layers=(1,1,1,1)',
+                                     '--num-classes', '10', '--checkpoint', ckpt])  # fits: no error
+    with pytest.raises(LaunchError) as e:
+        check_checkpoint('validate.py', ['--model', 'gsop_resnet50', '--checkpoint', ckpt])
+    msg = str(e.value)
+    assert '--model-kwargs' in msg and 'layers=' in msg and 'timm.create_model(' not in msg
+    with pytest.raises(LaunchError) as e:
+        check_checkpoint('train.py', ['--model', 'gsop_resnet50', '--num-classes', '10', '--resume', ckpt])
+    assert '--model-kwargs' in str(e.value)
+
+
+def test_fine_tuning_with_initial_checkpoint_names_pretrained_path(tmp_path):
+    ckpt = str(_run_folder(tmp_path) / 'model_best.pth.tar')
+    with pytest.raises(LaunchError) as e:
+        check_checkpoint('train.py', ['--model', 'gsop_resnet50', '--model-kwargs', 'layers=(1,1,1,1)',
+                                      '--num-classes', '3', '--initial-checkpoint', ckpt])
+    assert str(e.value) == (
+        f'{ckpt} has 10 classes, the model 3. To fine-tune it on 3 classes (a new classifier), pass --pretrained '
+        f'--pretrained-path {ckpt} instead of --initial-checkpoint; to keep its classifier, --num-classes 10.')
+
+
+def test_launcher_refuses_a_mismatch_before_the_script_runs(tmp_path):
+    run = _run_folder(tmp_path, model_kwargs={})  # args.yaml without the run's layers
+    fake = _fake_script(tmp_path / 'validate.py')
+    proc = run_sh('--validate', '--checkpoint', str(run / 'model_best.pth.tar'),
+                  env=dict(os.environ, TIMM_VALIDATE_PY=str(fake)))
+    assert proc.returncode == 2 and proc.stdout == ''  # validate.py never ran
+    assert f'timm_gsop: {run / "model_best.pth.tar"}: ' in proc.stderr and '--model-kwargs' in proc.stderr
+
+
+def test_demo_never_replaces_a_folder_it_did_not_make(tmp_path):
+    own = tmp_path / 'photos'
+    own.mkdir()
+    (own / 'holiday.jpg').write_bytes(b'mine')
+    proc = subprocess.run([sys.executable, '-m', 'timm_gsop.demo_data', str(own), '--train-per-class', '1',
+                           '--val-per-class', '1', '--num-classes', '1'], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.startswith(f'demo_data: {own} is not empty and holds no demo set')
+    assert [p.name for p in own.iterdir()] == ['holiday.jpg']
+    demo = tmp_path / 'demo'
+    for n in (1, 2):  # a demo set with other arguments is replaced
+        proc = subprocess.run([sys.executable, '-m', 'timm_gsop.demo_data', str(demo), '--train-per-class', '1',
+                               '--val-per-class', '1', '--num-classes', str(n)], capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        assert len(list((demo / 'train').iterdir())) == n
+
+
+@pytest.mark.parametrize('content', [b'', b'hello\n'])
+def test_unreadable_checkpoint_is_one_line(tmp_path, content):
+    ckpt = tmp_path / 'broken.pth.tar'
+    ckpt.write_bytes(content)
+    with pytest.raises(LaunchError) as e:
+        check_checkpoint('train.py', ['--model', 'gsop_resnet50', '--resume', str(ckpt)])
+    assert str(e.value).startswith(f'{ckpt} is not a readable checkpoint (') and '\n' not in str(e.value)
+    with pytest.raises(LaunchError, match="^--model gsop_resnet50 with these options: ValueError: .*'channel'"):
+        check_checkpoint('validate.py', ['--model', 'gsop_resnet50', '--model-kwargs', 'attn_mode=foo',
+                                         '--checkpoint', str(_run_folder(tmp_path) / 'model_best.pth.tar')])

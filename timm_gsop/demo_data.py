@@ -152,8 +152,9 @@ def make_demo_dataset(
 
     ``num_classes`` takes the first classes of ``CLASSES`` (tests use 2 or 3 for speed).
 
-    A complete set with the same arguments is reused; anything else there is replaced. Files are
-    written to a temporary folder first, so an interrupted run never leaves a partial set behind.
+    A complete set with the same arguments is reused, a demo set with others is replaced, and a
+    folder that holds anything else is refused. Files are written to a temporary folder first, so
+    an interrupted run never leaves a partial set behind.
     """
     if not 1 <= num_classes <= len(CLASSES):
         raise ValueError(f'num_classes must be 1 .. {len(CLASSES)}, got {num_classes}')
@@ -165,6 +166,8 @@ def make_demo_dataset(
         with open(marker) as f:
             if json.load(f) == spec:
                 return root
+    if os.path.lexists(root) and not os.path.isfile(marker) and (not os.path.isdir(root) or os.listdir(root)):
+        raise ValueError(f'{root} is not empty and holds no demo set (no {marker}): choose another folder')
     tmp = root.rstrip('/\\') + f'.tmp{os.getpid()}'
     shutil.rmtree(tmp, ignore_errors=True)
     for split, per_class, split_seed in (('train', train_per_class, seed), ('validation', val_per_class, seed + 1)):
@@ -191,9 +194,11 @@ def main(argv=None):
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--num-classes', type=int, default=len(CLASSES))
     args = parser.parse_args(argv)
-    root = make_demo_dataset(
-        args.root, args.train_per_class, args.val_per_class, args.size, args.seed, args.num_classes)
-    print(root)
+    try:
+        print(make_demo_dataset(
+            args.root, args.train_per_class, args.val_per_class, args.size, args.seed, args.num_classes))
+    except (ValueError, OSError) as e:
+        parser.exit(2, f'demo_data: {e}\n')
 
 
 if __name__ == '__main__':

@@ -1,9 +1,9 @@
-"""Find timm's reference scripts (train.py, validate.py) and run them with the GSoP models registered.
+"""Find timm's reference scripts (train.py, validate.py, benchmark.py) and run them with the GSoP models registered.
 
 The scripts live in timm's repository, not in its pip package. They are looked up in this order:
 
-1. ``TIMM_TRAIN_PY`` / ``TIMM_VALIDATE_PY``: path to the script (or to a checkout holding it). When
-   only ``TIMM_TRAIN_PY`` is set, validate.py is taken from beside it.
+1. ``TIMM_TRAIN_PY`` / ``TIMM_VALIDATE_PY`` / ``TIMM_BENCHMARK_PY``: path to the script (or to a
+   checkout holding it). When only ``TIMM_TRAIN_PY`` is set, the others are taken from beside it.
 2. A checkout in the cache, ``<cache>/pytorch-image-models-<tag>``, where ``<tag>`` is the installed
    timm version's git tag (``v1.0.31``) so the scripts match the library they import. ``<cache>`` is
    ``TIMM_GSOP_CACHE_DIR``, else ``$XDG_CACHE_HOME/timm_gsop``, else ``~/.cache/timm_gsop``.
@@ -12,20 +12,30 @@ The scripts live in timm's repository, not in its pip package. They are looked u
 
 When all fail (offline, no git) a ``TimmScriptNotFound`` says how to set the variables.
 
+Before running validate.py, the options it is not given are taken from the training run's ``args.yaml``
+beside ``--checkpoint`` (model, its kwargs, classes, preprocessing, device, dataset). Before loading a
+checkpoint (validate.py's ``--checkpoint``, train.py's ``--initial-checkpoint`` / ``--resume``), its
+weights are checked against the model the flags describe, and a mismatch says which flags fit.
+
     python -m timm_gsop.timm_scripts train.py     # print the path, fetching the checkout if needed
     python timm_gsop/timm_scripts.py --cache-dir  # print the cache folder (stdlib only: no torch import)
 """
+import argparse
 import os
 import runpy
+import shlex
 import shutil
 import subprocess
 import sys
-from typing import Optional
+from typing import List, Optional
 
-__all__ = ['TimmScriptNotFound', 'timm_git_ref', 'cache_dir', 'checkout_dir', 'find_script', 'run_script']
+__all__ = [
+    'TimmScriptNotFound', 'LaunchError', 'timm_git_ref', 'cache_dir', 'checkout_dir', 'find_script', 'run_defaults',
+    'check_checkpoint', 'run_script',
+]
 
 TIMM_REPO_URL = 'https://github.com/huggingface/pytorch-image-models'
-SCRIPT_ENV = {'train.py': 'TIMM_TRAIN_PY', 'validate.py': 'TIMM_VALIDATE_PY'}
+SCRIPT_ENV = {'train.py': 'TIMM_TRAIN_PY', 'validate.py': 'TIMM_VALIDATE_PY', 'benchmark.py': 'TIMM_BENCHMARK_PY'}
 _CLONE_TIMEOUT = 600
 
 
@@ -107,7 +117,7 @@ def _clone(ref: str, dest: str) -> None:
 
 
 def find_script(name: str = 'train.py', fetch: bool = True) -> str:
-    """Absolute path of timm's ``train.py`` or ``validate.py`` (see the module docstring for the order)."""
+    """Absolute path of timm's ``train.py``, ``validate.py`` or ``benchmark.py`` (see the module docstring)."""
     if name not in SCRIPT_ENV:
         raise ValueError(f'Unknown timm script {name!r}; known: {", ".join(SCRIPT_ENV)}')
     path = _from_env(name)
@@ -138,16 +148,133 @@ def find_script(name: str = 'train.py', fetch: bool = True) -> str:
         f'  git clone --depth 1 --branch {ref} {TIMM_REPO_URL} {dest}')
 
 
+# train.py's args.yaml keys -> validate.py's options: what validate.py needs to evaluate the run's model
+# as train.py did. The options a user gives win, and --img-size / --input-size count as one.
+_RUN_TO_VALIDATE = {
+    'model': '--model', 'model_kwargs': '--model-kwargs', 'num_classes': '--num-classes', 'in_chans': '--in-chans',
+    'input_size': '--input-size', 'img_size': '--img-size', 'crop_pct': '--crop-pct', 'mean': '--mean',
+    'std': '--std', 'interpolation': '--interpolation', 'gp': '--gp', 'device': '--device',
+    'data_dir': '--data-dir', 'dataset': '--dataset', 'val_split': '--split', 'class_map': '--class-map',
+    'no_prefetcher': '--no-prefetcher', 'model_ema': '--use-ema',
+}
+_ALIASES = {'--model': ('-m',), '--img-size': ('--input-size',), '--input-size': ('--img-size',)}
+
+
+class LaunchError(ValueError):
+    """A one-line reason not to start the script."""
+
+
+def _given(argv: List[str], option: str) -> bool:
+    names = (option, *_ALIASES.get(option, ()))
+    return any(a in names or a.split('=', 1)[0] in names for a in argv)
+
+
+def _last_value(argv: List[str], option: str) -> Optional[str]:
+    value = None
+    for i, a in enumerate(argv):
+        if a == option and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif a.startswith(option + '='):
+            value = a.split('=', 1)[1]
+    return value
+
+
+def run_defaults(argv: List[str]) -> List[str]:
+    """validate.py options from the ``args.yaml`` beside ``--checkpoint`` that ``argv`` does not give."""
+    checkpoint = _last_value(argv, '--checkpoint')
+    run_args = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), 'args.yaml') if checkpoint else ''
+    if not os.path.isfile(run_args):
+        return []
+    import yaml
+    try:
+        with open(run_args, encoding='utf-8') as f:
+            run = yaml.safe_load(f)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise LaunchError(f'cannot read {run_args}: {str(e).splitlines()[0]}')
+    if not isinstance(run, dict):
+        raise LaunchError(f'{run_args} is not a train.py args.yaml (a mapping of its options)')
+    out = []
+    for key, option in _RUN_TO_VALIDATE.items():
+        value = run.get(key)
+        if value in (None, '', [], {}, False) or _given(argv + out, option):
+            continue
+        if value is True:
+            out.append(option)
+        elif isinstance(value, dict):  # --model-kwargs: each value as a Python literal (ParseKwargs reads it back)
+            out += [option] + [f'{k}={v if isinstance(v, str) else repr(v)}' for k, v in value.items()]
+        else:
+            out += [option] + [str(v) for v in (value if isinstance(value, list) else [value])]
+    print(f'timm_gsop: from {run_args}: {shlex.join(out)}', file=sys.stderr)  # a command line to copy
+    return out
+
+
+def check_checkpoint(name: str, argv: List[str]) -> None:
+    """Refuse a checkpoint that does not fit the model the flags describe, saying which flags fit.
+
+    The scripts load it strictly into that model; this says the same in launcher flags, before any work.
+    """
+    options = ('--checkpoint',) if name == 'validate.py' else ('--initial-checkpoint', '--resume')
+    path = next((p for p in (_last_value(argv, o) for o in options) if p), None)
+    model_name = _last_value(argv, '--model') or _last_value(argv, '-m')
+    if not path or not os.path.isfile(path) or _given(argv, '--config') or _given(argv, '-c'):
+        return  # the script's own error, or options this parser does not see (a --config file)
+    import torch
+    import timm
+    from timm.utils import ParseKwargs
+    from .models._checkpoint import (
+        CheckpointError, check_state_dict_fits, load_checkpoint_file, state_dict_from_checkpoint)
+    if model_name not in timm.list_models('gsop*'):
+        return
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    parser.add_argument('--num-classes', type=int)
+    parser.add_argument('--in-chans', type=int)
+    parser.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs)
+    flags, _ = parser.parse_known_args(argv)
+    def first_line(e: BaseException) -> str:
+        return f'{type(e).__name__}: {str(e).splitlines()[0]}' if str(e).strip() else type(e).__name__
+
+    try:
+        _, state_dict = state_dict_from_checkpoint(load_checkpoint_file(path))
+    except Exception as e:  # whatever the file holds, one line (pickle never runs: weights_only)
+        raise LaunchError(f'{path} is not a readable checkpoint ({first_line(e)})')
+    try:
+        with torch.device('meta'):  # shapes only
+            model = timm.create_model(
+                model_name, num_classes=flags.num_classes, in_chans=flags.in_chans or 3, **flags.model_kwargs)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise LaunchError(f'--model {model_name} with these options: {first_line(e)}')
+    try:
+        check_state_dict_fits(state_dict, model, model_name=model_name, cli=True)
+    except CheckpointError as e:
+        fc = model.pretrained_cfg.get('classifier', 'fc')
+        ckpt_classes = getattr(state_dict.get(f'{fc}.weight'), 'shape', [None])[0]
+        if path == _last_value(argv, '--initial-checkpoint') and ckpt_classes != model.num_classes:
+            try:
+                check_state_dict_fits(state_dict, model, check_classifier=False, model_name=model_name, cli=True)
+            except CheckpointError:
+                pass
+            else:
+                raise LaunchError(
+                    f'{path} has {ckpt_classes} classes, the model {model.num_classes}. To fine-tune it on '
+                    f'{model.num_classes} classes (a new classifier), pass --pretrained --pretrained-path {path} '
+                    f'instead of --initial-checkpoint; to keep its classifier, --num-classes {ckpt_classes}.')
+        raise LaunchError(f'{path}: {e}')
+
+
 def run_script(name: str, argv=None) -> None:
     """Run timm's ``name`` as ``__main__`` with ``argv`` (default: this process's arguments)."""
     import timm_gsop  # noqa: F401  registers the GSoP models in timm's registry
 
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
         path = find_script(name)
-    except TimmScriptNotFound as e:
+        if name == 'validate.py':
+            argv = run_defaults(argv) + argv
+        if name != 'benchmark.py':
+            check_checkpoint(name, argv)
+    except (TimmScriptNotFound, LaunchError) as e:
         print(f'timm_gsop: {e}', file=sys.stderr)
         sys.exit(2)
-    argv = sys.argv[1:] if argv is None else list(argv)
     sys.argv = [path] + argv  # argparse shows the script's name
     sys.path.insert(0, os.path.dirname(path))  # as `python train.py` would
     runpy.run_path(path, run_name='__main__')

@@ -1,0 +1,10 @@
+"""timm's benchmark.py with the GSoP models registered.
+
+    python -m timm_gsop.benchmark --model gsop_resnet50 --device cpu --bench inference
+
+takes exactly benchmark.py's arguments (``--help`` lists them); ``timm_gsop.timm_scripts`` finds it.
+"""
+from .timm_scripts import run_script
+
+if __name__ == '__main__':
+    run_script('benchmark.py')
