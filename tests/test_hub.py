@@ -83,7 +83,7 @@ def test_export_net1_ema_round_trip_and_card(net1_run, tmp_path, capsys, monkeyp
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     assert captured.out.strip() == str(out)
-    assert 'state_dict_ema' in captured.err and 'writing the model card' in captured.err  # progress
+    assert 'state_dict_ema' in captured.err and 'writing model.safetensors' in captured.err  # progress
     assert_publishable(out)
 
     config = json.loads((out / 'config.json').read_text())
@@ -121,7 +121,8 @@ def test_export_net1_ema_round_trip_and_card(net1_run, tmp_path, capsys, monkeyp
     recipe = readme.split('```yaml\n')[1].split('```')[0].splitlines()
     assert {'lr: 0.1', 'sched: cosine', 'epochs: 3', 'opt: sgd', 'momentum: 0.9', 'model_ema: true'} <= set(recipe)
     # what did not apply (step decay beside cosine, mixup settings without mixup) and the machine are left out
-    assert not [line for line in recipe if line.startswith(('decay_', 'mixup', 'workers', 'device', 'output'))]
+    assert not [line for line in recipe if line.startswith(('decay_', 'mixup_', 'workers', 'device', 'output'))]
+    assert 'mixup: 0.0' in recipe  # set, and off
     assert '/home/someone' not in readme  # no local paths published; the data folder by its own name:
     assert '**Training data:** the image folder `imagenet`' in readme
     assert '| this checkpoint | 1 | 52.50 | 88.75 |' in readme
@@ -414,6 +415,30 @@ def test_error_wrong_architecture(net2_checkpoint, net1_run, tmp_path, capsys):
     assert rc == 1 and '--model-kwargs attn_mode=position' in err
     assert 'attn.channel_gate.' in err and 'attn.position_gate.' in err
     assert not (tmp_path / 'out').exists() and not list(tmp_path.iterdir())
+
+
+_HELP_SCRIPT = """
+import importlib, sys
+module, _, func = sys.argv[1].partition(':')
+sys.argv = ['timm-gsop', *sys.argv[2:]]
+try:
+    getattr(importlib.import_module(module), func)()
+except SystemExit as e:
+    print('exit', e.code, 'torch' in sys.modules, 'timm' in sys.modules, flush=True)
+"""
+
+
+@pytest.mark.parametrize('argv', [['--help'], ['export', '--help'], ['push', '--help'], ['export']])
+def test_console_script_answers_without_importing_torch(argv):
+    """What the installed ``timm-gsop`` runs (pyproject's entry point), in a fresh interpreter."""
+    import re  # tomllib is Python 3.11+
+    pyproject = (Path(__file__).parents[1] / 'pyproject.toml').read_text()
+    entry_point = re.search(r'^timm-gsop\s*=\s*"([^"]+)"', pyproject, re.M)[1]
+    proc = subprocess.run([sys.executable, '-c', _HELP_SCRIPT, entry_point, *argv], capture_output=True, text=True,
+                          timeout=120, cwd=Path(__file__).parents[1])
+    assert proc.stdout.strip().splitlines()[-1] == f'exit {2 if argv == ["export"] else 0} False False', proc.stdout
+    out = proc.stdout + proc.stderr
+    assert 'usage: timm-gsop' in out and (argv == ['--help'] or '--model' in out)
 
 
 def test_python_m_entry_point(monkeypatch, capsys):

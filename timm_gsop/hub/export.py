@@ -1,12 +1,10 @@
 """Export a checkpoint as a folder that timm and the Hugging Face Hub load, and push it.
 
-``export_checkpoint`` reads the checkpoint and its run (``run.py``), rebuilds the model it was trained
-as, and writes with timm's own ``save_for_hf``: ``model.safetensors`` (the EMA weights of a train.py
-checkpoint when present); ``config.json``, whose ``pretrained_cfg`` holds the preprocessing the run
-validated with (options override it) and the class names; and the model card ``README.md``
-(``card.py``). The folder is checked (no pickle, strict JSON, the folder alone rebuilds a model with the
-same logits and preprocessing) and put in place by ``folder.py``. ``push_checkpoint`` exports to a
-temporary folder and uploads it with ``huggingface_hub``.
+``export_checkpoint`` rebuilds the model the checkpoint was trained as and writes, with timm's own
+``save_for_hf``, ``model.safetensors`` (the EMA weights when present) and ``config.json`` (the
+preprocessing the run validated with, options overriding it, and the class names), then the card. The
+folder is checked (strict JSON; alone it rebuilds the same logits and preprocessing) and put in place by
+``folder.py``. ``push_checkpoint`` exports to a temporary folder and uploads it with ``huggingface_hub``.
 """
 import ast
 import inspect
@@ -23,7 +21,7 @@ import timm
 from huggingface_hub import HfApi
 from timm.data import resolve_data_config, resolve_model_data_config
 
-from ..models._state_dict import CheckpointError, check_state_dict_fits, inspect_state_dict
+from ..models._state_dict import CheckpointError, check_finite, check_state_dict_fits, inspect_state_dict
 from .card import OFFICIAL_CODE_URL, model_card
 from .folder import ALLOWED_FILES, MANIFEST, StagedFolder
 from .run import (
@@ -76,11 +74,8 @@ def parse_model_kwargs(items: Optional[Sequence[str]]) -> Dict[str, Any]:
 def build_model_from_checkpoint(
         checkpoint: LoadedCheckpoint, model_name: str, model_kwargs: Optional[Dict[str, Any]] = None,
         run: Optional[TrainRun] = None, reporter: Optional[Reporter] = None) -> Tuple[nn.Module, Dict[str, Any]]:
-    """``timm.create_model(model_name, **kwargs)`` with the checkpoint's weights loaded strictly.
-
-    kwargs: what the weights decide (num_classes, attn_dim, attn_mode where the keys tell it), then the
-    run's ``--model-kwargs``, then ``model_kwargs``. Returns the model (eval mode) and the kwargs.
-    """
+    """(``timm.create_model(model_name, **kwargs)`` in eval mode with the checkpoint's weights, kwargs): what
+    the weights decide (num_classes, attn_dim, attn_mode where they tell), the run's, then ``model_kwargs``."""
     reporter = reporter or Reporter(verbose=False)
     names = sorted(timm.list_models('gsop*'))
     if model_name not in names:
@@ -109,15 +104,16 @@ def build_model_from_checkpoint(
             'fusion_avg or fusion_max, which its keys cannot tell apart. Pass --model-kwargs attn_mode=fusion_avg '
             '(or attn_mode=fusion_max), as it was trained.')
     reporter.progress(f'creating {model_name}({", ".join(f"{k}={v!r}" for k, v in kwargs.items())})')
-    try:
-        model = timm.create_model(model_name, **kwargs)
-    except Exception as e:  # the constructors refuse bad or oversized arguments before allocating
-        raise ExportError(f'cannot create {model_name} with {kwargs}: {type(e).__name__}: {e}') from e
-    try:
+    try:  # on the meta device first: arguments that do not fit the weights cost no memory
+        model = timm.create_model(model_name, device='meta', **kwargs)
         check_state_dict_fits(checkpoint.state_dict, model, model_name=model_name, cli=True)
+        model = timm.create_model(model_name, **kwargs)
+        model.load_state_dict(checkpoint.state_dict, strict=True)
+        check_finite(model.state_dict())  # float64 values beyond float32's range are inf in the model
     except CheckpointError as e:
         raise ExportError(f'{checkpoint.path}: {e}') from e
-    model.load_state_dict(checkpoint.state_dict, strict=True)
+    except Exception as e:  # the constructors refuse bad arguments, naming them
+        raise ExportError(f'cannot create {model_name} with {kwargs}: {type(e).__name__}: {e}') from e
     return model.eval(), kwargs
 
 
@@ -159,12 +155,8 @@ def _apply_preprocessing(config: Dict[str, Any], values: Dict[str, Any], where: 
 
 def export_data_config(model: nn.Module, run_args: Dict[str, Any], preprocessing: Optional[Dict[str, Any]] = None,
                        origin: str = 'the run') -> Tuple[Dict[str, Any], Dict[str, Any]]:
-    """(exported preprocessing, the preprocessing the run validated with).
-
-    train.py validates with ``resolve_data_config(vars(args), model=model)``: the model's defaults with
-    the run's input size, crop, interpolation, mean and std, here checked as the options are. The
-    options (``PREPROCESSING_KEYS``) override them and add ``test_input_size`` / ``test_crop_pct``.
-    """
+    """(exported preprocessing, the one the run validated with): as train.py's ``resolve_data_config(args,
+    model=model)``, the model's defaults with the run's values, checked as the options that override them."""
     defaults = {k: v for k, v in resolve_data_config({}, model=model).items() if k in _DATA_KEYS}
     defaults['input_size'] = tuple(defaults['input_size'])
     min_size = (model.pretrained_cfg.get('min_input_size') or (3, 1, 1))[-1]
@@ -177,12 +169,13 @@ def export_data_config(model: nn.Module, run_args: Dict[str, Any], preprocessing
 
 
 def _check_folder(folder: Path) -> None:
+    """Export files only (no pickle), and a config.json of strict JSON (no NaN / Infinity)."""
     names = sorted(p.name for p in folder.iterdir())
     if not set(names) <= set(ALLOWED_FILES) - {MANIFEST} or 'model.safetensors' not in names:
         raise ExportError(f'internal error: the export folder holds {names}')
 
     def refuse(constant: str):
-        raise ExportError(f'config.json would hold {constant}, which is not JSON: check --mean / --std')
+        raise ExportError(f'internal error: config.json would hold {constant}, which is not JSON')
     json.loads((folder / 'config.json').read_text(), parse_constant=refuse)
 
 
@@ -204,15 +197,15 @@ def _verify_reload(model: nn.Module, folder: Path, data_config: Dict[str, Any],
     if want.shape != got.shape or not torch.allclose(want, got, rtol=1e-4, atol=1e-5):
         raise ExportError('internal error: the exported folder rebuilds a model whose logits differ from the source')
 
-    def as_tuples(cfg: Dict[str, Any]) -> Dict[str, Any]:  # config.json gives lists
-        return {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items() if k in _DATA_KEYS}
-    want_test = dict(data_config, input_size=data_config.get('test_input_size', data_config['input_size']),
-                     crop_pct=data_config.get('test_crop_pct', data_config['crop_pct']))
-    if as_tuples(resolve_model_data_config(reloaded)) != as_tuples(data_config) or \
-            as_tuples(resolve_model_data_config(reloaded, use_test_size=True)) != as_tuples(want_test):
-        raise ExportError(f'internal error: the exported folder resolves to other preprocessing than {data_config}')
-    if label_names and list(reloaded.pretrained_cfg.get('label_names') or []) != list(label_names):
-        raise ExportError('internal error: the exported folder does not carry the class names')
+    for use_test_size in (False, True):  # config.json gives lists
+        got = {k: tuple(v) if isinstance(v, list) else v for k, v in
+               resolve_model_data_config(reloaded, use_test_size=use_test_size).items() if k in _DATA_KEYS}
+        want = dict({k: data_config[k] for k in _DATA_KEYS}, **({
+            'input_size': data_config.get('test_input_size', data_config['input_size']),
+            'crop_pct': data_config.get('test_crop_pct', data_config['crop_pct'])} if use_test_size else {}))
+        if got != want or list(reloaded.pretrained_cfg.get('label_names') or []) != list(label_names or []):
+            raise ExportError(f'internal error: the exported folder gives preprocessing {got} and class names '
+                              f'{reloaded.pretrained_cfg.get("label_names")}, not {want} and {label_names}')
 
 
 def _check_text(name: str, value: Optional[str]) -> None:
@@ -226,13 +219,10 @@ def export_checkpoint(
         license: Optional[str] = None, preprocessing: Optional[Dict[str, Any]] = None,
         label_names: Optional[Sequence[str]] = None, dataset: Optional[str] = None, install: Optional[str] = None,
         verbose: bool = True, verify: bool = True) -> Path:
-    """Export ``checkpoint`` to the new folder ``out_dir`` (see the module docstring). Returns ``out_dir``.
-
-    ``model_name`` defaults to the run's ``--model`` (args.yaml). ``force`` replaces a previous export
-    at ``out_dir``, nothing else. ``preprocessing`` overrides the run's (``PREPROCESSING_KEYS``);
-    ``label_names`` and ``dataset`` (a name for the card) replace what the run says; ``license`` is a
-    Hub licence id (none by default); ``install`` is the card's install command. Raises ExportError.
-    """
+    """Export ``checkpoint`` to the new folder ``out_dir``; returns it. ``model_name`` defaults to the run's
+    (args.yaml); ``force`` replaces a previous export; ``preprocessing`` (``PREPROCESSING_KEYS``),
+    ``label_names`` and ``dataset`` replace the run's; ``license``: a Hub licence id; ``install``: the
+    card's install line. Raises ExportError."""
     reporter = Reporter(verbose)
     checkpoint_path, out_dir = Path(checkpoint), Path(out_dir)
     try:
@@ -245,12 +235,11 @@ def export_checkpoint(
         _check_text(name, value)
     staged = StagedFolder(out_dir, force=force, report=reporter.warn)
 
-    reporter.progress(f'reading {checkpoint_path}')
     ckpt = read_checkpoint(checkpoint_path)
     run = read_run(ckpt)
-    kind = 'official GSoP checkpoint (names converted)' if ckpt.official else f'weights from "{ckpt.source}"'
-    reporter.progress(f'{len(ckpt.state_dict)} tensors, {kind}' + (f'; run arguments from {run.args_origin}'
-                                                                   if run.args else ''))
+    reporter.progress(f'{checkpoint_path}: {len(ckpt.state_dict)} tensors from "{ckpt.source}"'
+                      + (' (official names converted)' if ckpt.official else '')
+                      + (f'; run arguments from {run.args_origin}' if run.args else ''))
     if model_name is None:
         model_name = run.args.get('model')
         if not isinstance(model_name, str):
@@ -268,9 +257,7 @@ def export_checkpoint(
             + ('' if label_names else '; pass --label-names FILE to give them'))
     if not dataset:
         name, data_dir = str(run.args.get('dataset') or ''), str(run.args.get('data_dir') or run.args.get('data') or '')
-        dataset = f'`{name}`' if '/' in name else \
-            f'the image folder `{Path(data_dir).name}`' if data_dir.strip('/') else None
-        reporter.progress(f'training data on the card: {dataset or "not recorded"} (--dataset-name to name it)')
+        dataset = f'`{name}`' if '/' in name else f'the image folder `{Path(data_dir).name}`' if data_dir else None
 
     # This model is ours to describe: the weights' licence is the publisher's (none unless given),
     # and their origin is the run, not the official code.
@@ -287,26 +274,23 @@ def export_checkpoint(
             timm.models.save_for_hf(
                 model, tmp, model_args=export_args, safe_serialization=True, data_config=data_config,
                 model_config=dict(label_names=list(label_names)) if label_names else None)
-        except OSError:
+        except (OSError, ExportError):
             raise
         except Exception as e:  # safetensors reports write failures (a full disk) as its own error
             raise ExportError(f'cannot write {tmp}: {type(e).__name__}: {e}') from e
         _check_folder(tmp)
-        reporter.progress('writing the model card')
         card = model_card(
             model=model, model_name=model_name, model_args=json.loads((tmp / 'config.json').read_text())['model_args'],
             checkpoint=ckpt, run=run, data_config=data_config, measured_config=measured, label_names=label_names,
             dataset=dataset, title=repo_id.split('/')[-1] if repo_id else out_dir.name, repo_id=repo_id,
             license=license, install=install)
         (tmp / 'README.md').write_text(card, encoding='utf-8')
-        umask = os.umask(0)
+        umask = os.umask(0o22)
         os.umask(umask)
         tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the files are for publishing
         if verify:
-            reporter.progress('checking that the folder alone rebuilds the model (same logits, preprocessing)')
             _verify_reload(model, tmp, data_config, label_names)
         staged.commit()
-    reporter.progress(f'done: {out_dir}')
     return out_dir
 
 
@@ -314,12 +298,9 @@ def push_checkpoint(
         checkpoint: PathLike, repo_id: str, model_name: Optional[str] = None,
         model_kwargs: Optional[Dict[str, Any]] = None, *, private: bool = False, revision: Optional[str] = None,
         create_pr: bool = False, commit_message: Optional[str] = None, verbose: bool = True, **export_options):
-    """Export ``checkpoint`` (``export_options`` as for ``export_checkpoint``) and upload the folder to the
-    Hub model repo ``repo_id``, as timm's ``push_to_hf_hub`` does but with the checked folder.
-
-    The token comes from the usual login (``hf auth login``) or ``HF_TOKEN``; it is never printed.
-    Returns huggingface_hub's ``CommitInfo``.
-    """
+    """Export ``checkpoint`` (``export_options`` as for ``export_checkpoint``) and upload the folder to the Hub
+    model repo ``repo_id``, as timm's ``push_to_hf_hub`` does; the token is the usual login's (``hf auth
+    login``, ``HF_TOKEN``). Returns huggingface_hub's ``CommitInfo``."""
     from huggingface_hub import get_token
     reporter = Reporter(verbose)
     if repo_id.count('/') != 1 or not all(repo_id.split('/')):
@@ -335,14 +316,11 @@ def push_checkpoint(
             f'Add {config["architecture"]} weights (attn_mode={args.get("attn_mode")}, '
             f'attn_dim={args.get("attn_dim")}, num_classes={config.get("num_classes")})')
         api = HfApi()
-        reporter.progress(f'creating (or reusing) the model repo {repo_id}' + (' (private)' if private else ''))
         repo_id = getattr(api.create_repo(repo_id, repo_type='model', private=private, exist_ok=True), 'repo_id',
                           None) or repo_id
         if revision and revision != 'main':
             api.create_branch(repo_id, branch=revision, repo_type='model', exist_ok=True)
-        reporter.progress(f'uploading to {repo_id}' + (f'@{revision}' if revision else '')
-                          + (' as a pull request' if create_pr else ''))
+        reporter.progress(f'uploading to {repo_id}' + (f'@{revision}' if revision else ''))
         info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type='model', revision=revision,
                                  create_pr=create_pr, commit_message=message, ignore_patterns=[MANIFEST])
-    reporter.progress('uploaded')
     return info

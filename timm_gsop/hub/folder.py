@@ -1,20 +1,17 @@
 """An export folder that appears whole or not at all, and never costs anyone a file.
 
-The export is written into a fresh hidden folder beside OUT_DIR, ``.NAME.partial-XXXXXXXX``, and put
-in place by renames, so the operating system decides every race:
+The export is written into a fresh hidden folder beside OUT_DIR, ``.NAME.partial-XXXXXXXX``, then put
+in place by renames, so that the operating system decides every race:
 
 * Create-only: ``os.mkdir(OUT_DIR)`` claims the name (it fails if anything is there, an empty folder
-  included), then ``os.rename`` swaps the finished folder onto that empty folder of our own. Of two
-  concurrent exports only one can make OUT_DIR; the other fails and leaves it alone. If a file appears
-  in the claimed folder meanwhile, the rename fails and the file stays.
-* ``force`` replaces a previous export only: a folder holding just the files listed in its
-  ``MANIFEST``, each with the hash recorded there, and the very folder found at the start. Right before
-  the swap it is renamed aside and checked again there (a file added or edited up to that instant makes
-  the export put it back and refuse); then the new folder is put in place as above, and the old one's
-  listed files are deleted, never anything else.
+  included), then ``os.rename`` swaps the finished folder onto that empty folder of our own; it fails,
+  leaving everything, if a file was put into it meanwhile. Of two exports to one OUT_DIR one wins.
+* ``force`` replaces an unchanged previous export only: the folder found at the start, holding just
+  the files its ``MANIFEST`` lists, with the hashes listed there. Right before the swap it is renamed
+  aside and checked again (a file added or edited up to then: it is put back and the export fails);
+  after the swap its listed files are deleted, nothing else.
 * Each export holds a ``flock`` on its partial folder. The next export to NAME deletes a partial folder
-  nobody holds if it holds export files only, and reports anything else it finds (a folder set aside by a
-  killed ``--force``). Without ``fcntl`` (Windows) they are only reported.
+  nobody holds if it holds export files only, and reports anything else (without ``fcntl``: reports).
 """
 import hashlib
 import json
@@ -22,7 +19,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable, Dict, Optional
+from typing import Callable, Optional
 
 try:
     import fcntl
@@ -46,21 +43,15 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def write_manifest(folder: Path) -> None:
-    files = {p.name: _sha256(p) for p in sorted(folder.iterdir()) if p.name != MANIFEST}
-    (folder / MANIFEST).write_text(json.dumps({'files': files}, indent=1))
-
-
 def export_problem(folder: Path) -> Optional[str]:
-    """None for an unchanged previous export (its manifest's files, hashes matching); else what is not."""
+    """None for an unchanged previous export; else what it is instead."""
     if folder.is_symlink() or not folder.is_dir():
         return 'is not a folder'
     try:
         files = json.loads((folder / MANIFEST).read_text())['files']
-        names = {p.name for p in folder.iterdir()}
+        others = sorted({p.name for p in folder.iterdir()} - set(files) - {MANIFEST})
     except (OSError, ValueError, KeyError, TypeError):
         return f'is not a timm-gsop export (no readable {MANIFEST})'
-    others = sorted(names - set(files) - {MANIFEST})
     if others:
         return f'holds files an export does not write ({", ".join(others[:5])})'
     changed = [n for n, digest in files.items() if not (folder / n).is_file() or _sha256(folder / n) != digest]
@@ -68,12 +59,9 @@ def export_problem(folder: Path) -> Optional[str]:
 
 
 def _remove_export_files(folder: Path) -> bool:
-    """Delete the files an export writes, then the folder if that empties it; False if anything else remains."""
+    """Delete the files an export writes, then the folder; False if anything else keeps it."""
     for name in ALLOWED_FILES:
-        try:
-            (folder / name).unlink()
-        except FileNotFoundError:
-            pass
+        (folder / name).unlink(missing_ok=True)
     try:
         folder.rmdir()
         return True
@@ -86,31 +74,20 @@ def _lock(path: Path, blocking: bool = False) -> Optional[int]:
     fd = os.open(path, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        return fd
     except BlockingIOError:
         os.close(fd)
         return None
-    return fd
-
-
-def _identity(path: Path):
-    st = path.lstat()
-    return st.st_dev, st.st_ino
 
 
 def _rename_create_only(src: Path, dst: Path) -> None:
-    """Rename the folder ``src`` to ``dst`` only if nothing is at ``dst``, an empty folder included.
-
-    ``mkdir`` claims the name (FileExistsError if taken); a rename onto one's own empty folder replaces
-    it, and fails if something was put into it meanwhile (that is then left where it is).
-    """
+    """Rename the folder ``src`` to ``dst`` if nothing, not even an empty folder, is at ``dst``."""
     os.mkdir(dst)
     try:
-        os.rename(src, dst)
+        os.rename(src, dst)  # onto our own empty folder; fails if something was put into it
     except OSError:
-        try:
+        if not any(dst.iterdir()):
             dst.rmdir()
-        except OSError:
-            pass
         raise
 
 
@@ -122,11 +99,8 @@ class StagedFolder:
     """
 
     def __init__(self, out_dir: Path, force: bool = False, report: Callable[[str], None] = print):
-        self.out_dir, self.report = Path(out_dir), report
-        self.parent, self.name = self.out_dir.parent, self.out_dir.name
-        self.path: Optional[Path] = None
-        self._fd: Optional[int] = None
-        self._replaces = None
+        self.out_dir, self.report, self.name = Path(out_dir), report, Path(out_dir).name
+        self.path, self._fd, self._replaces = None, None, None
         if not os.path.lexists(self.out_dir):
             return
         if not force:
@@ -135,69 +109,66 @@ class StagedFolder:
         if problem:
             raise ExportError(f'{self.out_dir} {problem}; --force replaces an unchanged previous export only. '
                               f'Move it away or export to another folder.')
-        self._replaces = _identity(self.out_dir)
+        self._replaces = os.lstat(self.out_dir).st_ino
 
     def __enter__(self) -> Path:
-        self.parent.mkdir(parents=True, exist_ok=True)
-        # Scanning for stale folders and making (and locking) ours is one step for cooperating exports,
-        # so that none takes another's new, not yet locked folder for a stale one.
-        parent_fd = _lock(self.parent, blocking=True) if fcntl is not None else None
+        parent = self.out_dir.parent
+        parent.mkdir(parents=True, exist_ok=True)
+        # Cooperating exports scan for stale folders and make (and lock) their own as one step, so that
+        # none takes another's new, not yet locked folder for a stale one.
+        parent_fd = _lock(parent, blocking=True) if fcntl else None
         try:
-            self._clean_stale()
-            self.path = Path(tempfile.mkdtemp(prefix=f'.{self.name}.partial-', dir=self.parent))
-            self._fd = _lock(self.path) if fcntl is not None else None
+            for entry in sorted(parent.iterdir()):
+                if entry.name.startswith((f'.{self.name}.partial-', f'.{self.name}.replaced-')):
+                    self._clean_stale(entry)
+            self.path = Path(tempfile.mkdtemp(prefix=f'.{self.name}.partial-', dir=parent))
+            self._fd = _lock(self.path) if fcntl else None
         finally:
             if parent_fd is not None:
                 os.close(parent_fd)
         return self.path
 
     def __exit__(self, *exc) -> None:
-        if self.path is not None and self.path.exists():
-            shutil.rmtree(self.path, ignore_errors=True)  # our own mkdtemp folder, never renamed into place
+        if self.path.exists():
+            shutil.rmtree(self.path, ignore_errors=True)  # our own folder, not put in place
         if self._fd is not None:
             os.close(self._fd)
 
-    def _clean_stale(self) -> None:
-        for entry in sorted(self.parent.iterdir()):
-            partial = entry.name.startswith(f'.{self.name}.partial-')
-            if not partial and not entry.name.startswith(f'.{self.name}.replaced-'):
-                continue
-            if not partial or fcntl is None or entry.is_symlink() or not entry.is_dir():
-                self.report(f'left {entry} alone: an interrupted export left it; look inside, then delete it '
-                            f'or move it back')
-                continue
-            fd = _lock(entry)
-            if fd is None:
-                self.report(f'another export to {self.out_dir} is running ({entry.name} is in use)')
-                continue
-            try:
-                if _remove_export_files(entry):
-                    self.report(f'removed {entry}, the partial folder of an export that was interrupted')
-                else:
-                    self.report(f'left {entry} alone: it holds files an export does not write')
-            finally:
-                os.close(fd)
+    def _clean_stale(self, entry: Path) -> None:
+        partial = entry.name.startswith(f'.{self.name}.partial-') and entry.is_dir() and not entry.is_symlink()
+        fd = _lock(entry) if partial and fcntl else None
+        if fd is None:
+            self.report(f'another export to {self.out_dir} is running ({entry.name} is in use)' if partial and fcntl
+                        else f'left {entry} alone: an interrupted export left it; look inside, then delete it')
+            return
+        try:
+            self.report(f'removed {entry}, the partial folder of an export that was interrupted'
+                        if _remove_export_files(entry) else f'left {entry} alone: it holds other files')
+        finally:
+            os.close(fd)
 
     def commit(self) -> None:
         """Put the folder at ``out_dir``; ExportError (and nothing touched) if that is no longer safe."""
-        write_manifest(self.path)
+        files = {p.name: _sha256(p) for p in sorted(self.path.iterdir())}
+        (self.path / MANIFEST).write_text(json.dumps({'files': files}, indent=1))
         aside = self._set_aside_previous() if self._replaces is not None else None
         try:
             _rename_create_only(self.path, self.out_dir)
         except OSError as e:
             self._restore(aside)
-            what = 'appeared' if isinstance(e, FileExistsError) else 'changed'
-            raise ExportError(f'{self.out_dir} {what} while this export ran (another export, or another program); '
-                              f'it was left as it is and nothing was written.') from None
+            raise ExportError(f'{self.out_dir} {"appeared" if isinstance(e, FileExistsError) else "changed"} while '
+                              f'this export ran (another export, or another program); it was left as it is and '
+                              f'nothing was written.') from None
         if aside is not None and not (_remove_export_files(aside) and _remove_export_files(aside.parent)):
             self.report(f'could not delete all of the previous export, now at {aside}')
 
     def _set_aside_previous(self) -> Path:
-        """Rename the previous export into a hidden folder and check it there; returns its new path."""
-        if not os.path.lexists(self.out_dir) or _identity(self.out_dir) != self._replaces:
-            raise ExportError(f'{self.out_dir} changed while this export ran (replaced or removed by another export '
-                              f'or program); it was left as it is and nothing was written.')
-        aside = Path(tempfile.mkdtemp(prefix=f'.{self.name}.replaced-', dir=self.parent)) / self.name
+        """Rename the previous export into a hidden folder and check it again there; returns its new path."""
+        changed = ExportError(f'{self.out_dir} changed while this export ran (replaced or removed by another '
+                              f'export or program); it was left as it is and nothing was written.')
+        if not os.path.lexists(self.out_dir) or os.lstat(self.out_dir).st_ino != self._replaces:
+            raise changed
+        aside = Path(tempfile.mkdtemp(prefix=f'.{self.name}.replaced-', dir=self.out_dir.parent)) / self.name
         os.rename(self.out_dir, aside)
         problem = export_problem(aside)
         if problem:
@@ -207,10 +178,9 @@ class StagedFolder:
         return aside
 
     def _restore(self, aside: Optional[Path]) -> None:
-        if aside is None:
-            return
         try:
-            _rename_create_only(aside, self.out_dir)
-            aside.parent.rmdir()
+            if aside is not None:
+                _rename_create_only(aside, self.out_dir)
+                aside.parent.rmdir()
         except OSError:
             self.report(f'the previous export is at {aside}: move it back to {self.out_dir}')

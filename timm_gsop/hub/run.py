@@ -71,10 +71,10 @@ def read_checkpoint(path: PathLike) -> LoadedCheckpoint:
     """A timm train.py checkpoint (its EMA weights when present), an official GSoP checkpoint, a state
     dict or a .safetensors file, read with ``torch.load(weights_only=True)``; non-finite values refused."""
     path = Path(path)
-    if not path.is_file():
-        raise ExportError(f'checkpoint {"is not a file" if path.exists() else "not found"}: {path}')
-    if path.stat().st_size == 0:
-        raise ExportError(f'checkpoint is empty (0 bytes): {path}')
+    problem = 'not found' if not path.exists() else 'is not a file' if not path.is_file() else \
+        'is empty (0 bytes)' if path.stat().st_size == 0 else None
+    if problem:
+        raise ExportError(f'checkpoint {problem}: {path}')
     try:
         checkpoint = load_checkpoint_file(str(path))
     except Exception as e:  # zip/pickle/EOF errors of a truncated file, blocked globals of a foreign pickle
@@ -120,19 +120,16 @@ class TrainRun:
 
 
 def _read_summary_csv(path: Path) -> List[Dict[str, float]]:
-    rows = []
+    """summary.csv rows with a whole, finite epoch; their finite numbers as floats."""
+    def number(text: Any) -> Optional[float]:
+        try:
+            return finite_number(float(text))
+        except (TypeError, ValueError):
+            return None
     with open(path, newline='', encoding='utf-8', errors='replace') as f:
-        for row in csv.DictReader(f):
-            parsed = {}
-            for k, v in row.items():
-                try:
-                    if isinstance(k, str) and math.isfinite(float(v)):
-                        parsed[k.strip()] = float(v)
-                except (TypeError, ValueError):
-                    pass
-            if parsed.get('epoch', 0.5).is_integer():
-                rows.append(parsed)
-    return rows
+        rows = [{k.strip(): x for k, v in row.items() if isinstance(k, str) and (x := number(v)) is not None}
+                for row in csv.DictReader(f)]
+    return [row for row in rows if row.get('epoch', 0.5).is_integer()]
 
 
 def read_run(checkpoint: LoadedCheckpoint) -> TrainRun:
