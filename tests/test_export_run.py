@@ -243,3 +243,19 @@ def test_card_facts_follow_the_model_cifar(tmp_path):
     assert '1x1 conv 256->64, 64x64 covariance' in readme and 'upper triangle of 2,080 values' in readme
     assert 'output stride 4.' in readme and '8x8 at 32x32' in readme and '**GMACs (32x32):**' in readme
     assert 'mean (0.5071, 0.4865, 0.4409)' in readme and 'a linear classifier to 100 classes' in readme
+
+
+def test_class_names_are_the_class_folders_in_timms_order(tmp_path, monkeypatch):
+    from timm.data.readers.reader_image_folder import find_images_and_targets
+    from timm_gsop.hub.run import run_label_names
+    train = tmp_path / 'data' / 'train'
+    for name in ('c10', 'c2', 'C1', 'b'):
+        (train / name).mkdir(parents=True)
+        (train / name / 'x.png').write_bytes(b'')
+    (train / '.ipynb_checkpoints').mkdir()  # no image in it: not a class for timm's reader
+    _, class_to_idx = find_images_and_targets(str(train))
+    monkeypatch.setattr('os.walk', lambda *a, **k: pytest.fail('the images are walked'))
+    names, origin = run_label_names(dict(data_dir=str(tmp_path / 'data'), dataset=''), 4)
+    assert names == sorted(class_to_idx, key=class_to_idx.get) == ['b', 'C1', 'c2', 'c10'] and str(train) in origin
+    assert run_label_names(dict(data_dir=str(tmp_path / 'data')), 5)[0] is None  # another number of classes
+    assert run_label_names(dict(data_dir=str(tmp_path / 'data'), dataset='torch/cifar10'), 4)[0] is None

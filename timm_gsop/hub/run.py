@@ -156,11 +156,12 @@ def read_run(checkpoint: LoadedCheckpoint) -> TrainRun:
 def run_label_names(args: Dict[str, Any], num_classes: int) -> Tuple[Optional[List[str]], str]:
     """Class names of the run's training set in the classifier's order, and where they came from.
 
-    For an image folder, as timm's folder reader orders them: the class folders' names in natural sort
-    order (``timm.utils.natural_key``), or the run's ``--class-map``. Only folder names are read, never
-    the images; other datasets (``torch/``, ``hfds/``, ...) are not read.
+    For an image folder, as timm's folder reader orders them: the names of the class folders (those with
+    an image) in natural sort order (``timm.utils.natural_key``), or the run's ``--class-map``. Folders are
+    listed until their first image, never whole; other datasets (``torch/``, ``hfds/``, ...) are not read.
     """
     from timm.data.dataset_factory import _search_split  # train.py's way from --data-dir to the split folder
+    from timm.data import get_img_extensions
     from timm.data.readers.class_map import load_class_map
     from timm.utils import natural_key
     name, data_dir = str(args.get('dataset') or ''), args.get('data_dir') or args.get('data')
@@ -174,7 +175,9 @@ def run_label_names(args: Dict[str, Any], num_classes: int) -> Tuple[Optional[Li
             class_to_idx = load_class_map(args['class_map'], root)
             names = [n for n, _ in sorted(class_to_idx.items(), key=lambda kv: kv[1])]
         else:
-            names = sorted((e.name for e in os.scandir(root) if e.is_dir()), key=natural_key)
+            images = get_img_extensions()  # timm's reader takes the folders that hold images; the first one tells
+            names = sorted((e.name for e in os.scandir(root) if e.is_dir() and any(
+                os.path.splitext(f.name)[1].lower() in images for f in os.scandir(e.path))), key=natural_key)
     except Exception as e:  # the folder moved or is unreadable
         return None, f'the training set could not be read ({type(e).__name__}: {root})'
     if len(names) != num_classes:
