@@ -238,3 +238,20 @@ def test_os_errors_and_odd_names_are_one_line(checkpoint, tmp_path, capsys, monk
     err = capsys.readouterr().err
     assert err.strip() == 'timm-gsop export: error: No space left on device: model.safetensors'
     assert not out.exists() and not leftovers(out)
+
+
+def test_unusable_weights_are_one_line_errors(tmp_path, capsys):
+    """Integer keys; float64 values beyond float32 (inf once in the model); finite weights with non-finite logits."""
+    state_dict = make_model('gsop_resnet50', 23, **SMALL).state_dict()
+    cases = {
+        'int-key': ({0: torch.zeros(1), **state_dict}, 'holds no state dict of tensors named by strings'),
+        'float64': (dict(state_dict, **{'fc.bias': torch.full((5,), 1e300, dtype=torch.float64)}),
+                    'non-finite values (NaN or inf'),
+        'logits': (dict(state_dict, **{'fc.weight': torch.full((5, 2048), 3e38)}), 'give non-finite logits'),
+    }
+    for name, (weights, message) in cases.items():
+        torch.save({'state_dict': weights}, tmp_path / f'{name}.pth')
+        assert _export(tmp_path / f'{name}.pth', tmp_path / 'out') == 1, name
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1 and 'Traceback' not in err, (name, err)
+        assert not (tmp_path / 'out').exists() and not leftovers(tmp_path / 'out')

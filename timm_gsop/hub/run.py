@@ -93,6 +93,8 @@ def read_checkpoint(path: PathLike) -> LoadedCheckpoint:
         check_finite(state_dict)
     except CheckpointError as e:
         raise ExportError(f'{path}: {e}') from e
+    except (AttributeError, TypeError) as e:  # keys that are not names (timm's clean_state_dict needs strings)
+        raise ExportError(f'{path} holds no state dict of tensors named by strings ({type(e).__name__}: {e})') from e
     raw = checkpoint[source] if source else checkpoint
     meta = checkpoint if source else {}
     args = meta.get('args')
