@@ -1,7 +1,8 @@
-"""The export never destroys what it did not make: OUT_DIR appearing or changing during an export,
-two exports racing for one OUT_DIR, --force, a killed export (a real SIGKILL), OS errors.
+"""The export never destroys what it did not make: OUT_DIR existing, appearing or changing during an
+export, two exports racing for one OUT_DIR, --force over previous exports and over anything else, a
+killed export (a real SIGKILL), OS errors.
 
-A small checkpoint (one bottleneck per stage) keeps each export to about a second.
+A small checkpoint (one bottleneck per stage) keeps each export to a few seconds.
 """
 import errno
 import json
@@ -16,7 +17,7 @@ import torch
 
 import timm_gsop  # noqa: F401
 from timm_gsop import cli
-from timm_gsop.hub import export, folder
+from timm_gsop.hub import MANIFEST, export, folder
 
 from export_helpers import assert_publishable, leftovers, make_model
 
@@ -45,6 +46,10 @@ def _during_export(monkeypatch, action):
     monkeypatch.setattr(export, '_verify_reload', verify_then_act)
 
 
+def _files(path):
+    return {p.name: p.read_bytes() for p in path.iterdir()}
+
+
 def test_existing_out_dir_is_never_touched_without_force(checkpoint, tmp_path, capsys):
     for make in (lambda p: p.mkdir(), lambda p: p.write_text('mine')):  # an empty folder, a file
         out = tmp_path / f'out{len(list(tmp_path.iterdir()))}'
@@ -56,30 +61,61 @@ def test_existing_out_dir_is_never_touched_without_force(checkpoint, tmp_path, c
         assert not leftovers(out)
 
 
-def test_force_replaces_a_previous_export_and_nothing_else(checkpoint, tmp_path, capsys):
+def test_force_replaces_an_unchanged_previous_export_and_nothing_else(checkpoint, tmp_path, capsys):
     out = tmp_path / 'export'
     assert _export(checkpoint, out) == 0
     first = out.stat().st_ino
-    (out / 'README.md').write_text('an old card')
     assert _export(checkpoint, out, '--force') == 0
-    assert out.stat().st_ino != first and 'an old card' not in (out / 'README.md').read_text()
+    assert out.stat().st_ino != first and not leftovers(out)
     assert_publishable(out)
 
-    (out / 'notes.txt').write_text('mine')  # not an export any more: --force refuses it
-    assert _export(checkpoint, out, '--force') == 1
-    assert 'holds files an export does not write (notes.txt)' in capsys.readouterr().err
-    assert (out / 'notes.txt').read_text() == 'mine'
+    def refused(folder, message):
+        before = _files(folder) if folder.is_dir() and not folder.is_symlink() else None
+        assert _export(checkpoint, folder, '--force') == 1
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+        assert before is None or _files(folder) == before
+        assert not leftovers(folder)
 
-    run = tmp_path / 'run'  # nor the folder of the checkpoint itself, even one named like an export
-    run.mkdir()
-    (run / 'model.safetensors').write_bytes(b'')
-    assert _export(run / 'model.safetensors', run, '--force') == 1
-    assert 'holds the checkpoint' in capsys.readouterr().err
+    (out / 'README.md').write_text('my own card')  # an edited export file is the user's now
+    refused(out, 'holds export files changed since the export (README.md)')
+    (out / 'README.md').unlink()
+    refused(out, 'holds export files changed since the export (README.md)')  # a deleted one too
+
+    other = tmp_path / 'other'
+    assert _export(checkpoint, other) == 0
+    (other / 'notes.txt').write_text('mine')
+    refused(other, 'holds files an export does not write (notes.txt)')
+
+    readme_only = tmp_path / 'readme_only'  # named like an export file, but never an export
+    readme_only.mkdir()
+    (readme_only / 'README.md').write_text('# my project')
+    refused(readme_only, f'is not a timm-gsop export (no readable {MANIFEST})')
 
     link = tmp_path / 'link'
-    link.symlink_to(out, target_is_directory=True)
-    assert _export(checkpoint, link, '--force') == 1
-    assert 'is not a folder' in capsys.readouterr().err and (out / 'notes.txt').exists()
+    link.symlink_to(other, target_is_directory=True)
+    refused(link, 'is not a folder')
+    assert (other / 'notes.txt').read_text() == 'mine'
+
+
+@pytest.mark.parametrize('change', ['add a file', 'edit a file'])
+def test_force_never_loses_a_change_made_while_the_export_runs(checkpoint, tmp_path, capsys, monkeypatch, change):
+    out = tmp_path / 'export'
+    assert _export(checkpoint, out) == 0
+
+    def user_change():
+        if change == 'add a file':
+            (out / 'notes.txt').write_text('mine')
+        else:
+            (out / 'README.md').write_text('my own card')
+    _during_export(monkeypatch, user_change)
+    before = None
+    assert _export(checkpoint, out, '--force') == 1
+    err = capsys.readouterr().err
+    assert '(changed while this export ran)' in err and len(err.strip().splitlines()) == 1
+    before = _files(out)
+    assert (before.get('notes.txt') == b'mine') if change == 'add a file' else before['README.md'] == b'my own card'
+    assert 'model.safetensors' in before and not leftovers(out)
 
 
 @pytest.mark.parametrize('what', ['a folder with a file', 'an empty folder'])
@@ -130,32 +166,16 @@ def test_two_export_processes_to_one_out_dir(checkpoint, tmp_path):
     assert_publishable(out)
 
 
-def test_without_atomic_rename_the_same_rules_hold(checkpoint, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(folder, '_renameat2', lambda src, dst, flags: False)  # not Linux, or no renameat2
-    out = tmp_path / 'export'
-    out.mkdir()
-    (out / 'README.md').write_text('# a previous export')
-    assert _export(checkpoint, out, '--force') == 0
-    assert_publishable(out)
-    assert 'a previous export' not in (out / 'README.md').read_text()
-    other = tmp_path / 'other'
-    _during_export(monkeypatch, other.mkdir)
-    assert _export(checkpoint, other) == 1 and 'appeared' in capsys.readouterr().err
-    assert other.is_dir() and not os.listdir(other)
-
-
-def test_killed_export_leaves_out_dir_whole_and_its_folder_is_cleaned_next_time(tmp_path, capsys):
+def test_killed_export_leaves_out_dir_whole_and_its_folder_is_cleaned_next_time(checkpoint, tmp_path, capsys):
     """SIGKILL in the middle of --force over a previous export (a full-size model: the export takes seconds)."""
-    checkpoint = tmp_path / 'full.pth.tar'
-    torch.save({'state_dict': make_model('gsop_resnet50', 22, attn_dim=16, num_classes=5).state_dict()}, checkpoint)
+    full = tmp_path / 'full.pth.tar'
+    torch.save({'state_dict': make_model('gsop_resnet50', 22, attn_dim=16, num_classes=5).state_dict()}, full)
     out = tmp_path / 'export'
-    previous = {'README.md': '# a previous export', 'config.json': '{}'}
-    out.mkdir()
-    for name, text in previous.items():
-        (out / name).write_text(text)
+    assert _export(checkpoint, out) == 0
+    previous = _files(out)
 
     proc = subprocess.Popen(
-        [sys.executable, '-m', 'timm_gsop', 'export', str(checkpoint), str(out), '--model', 'gsop_resnet50',
+        [sys.executable, '-m', 'timm_gsop', 'export', str(full), str(out), '--model', 'gsop_resnet50',
          '--force', '-q'], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 240
     try:
@@ -167,11 +187,11 @@ def test_killed_export_leaves_out_dir_whole_and_its_folder_is_cleaned_next_time(
         proc.send_signal(signal.SIGKILL)
         proc.communicate()
     assert proc.returncode == -signal.SIGKILL
-    assert {p.name: p.read_text() for p in out.iterdir()} == previous  # untouched
+    assert _files(out) == previous  # untouched
     stale = leftovers(out)
     assert len(stale) == 1 and (stale[0] / 'model.safetensors').exists()
 
-    assert cli.main(['export', str(checkpoint), str(out), '--model', 'gsop_resnet50', '--force', '-q']) == 0
+    assert cli.main(['export', str(full), str(out), '--model', 'gsop_resnet50', '--force', '-q']) == 0
     assert f'removed {stale[0]}, the partial folder of an export that was interrupted' in capsys.readouterr().err
     assert_publishable(out)
     assert json.loads((out / 'config.json').read_text())['model_args']['attn_dim'] == 16
@@ -184,22 +204,31 @@ def test_stale_folders_that_are_not_exports_or_in_use_are_reported_not_deleted(c
     (foreign / 'notes.txt').write_text('mine')
     busy = tmp_path / '.export.partial-busy'
     busy.mkdir()
-    fd = folder._try_lock(busy)  # as a running export holds its folder
+    aside = tmp_path / '.export.replaced-abc' / 'export'  # a --force killed between its two renames
+    aside.mkdir(parents=True)
+    (aside / 'README.md').write_text('the previous export')
+    fd = folder._lock(busy)  # as a running export holds its folder
     try:
         assert _export(checkpoint, out) == 0
     finally:
         os.close(fd)
     err = capsys.readouterr().err
-    assert f'left {foreign} alone' in err and 'another export to' in err
+    assert f'left {foreign} alone' in err and 'another export to' in err and f'left {aside.parent} alone' in err
     assert (foreign / 'notes.txt').read_text() == 'mine' and busy.is_dir()
+    assert (aside / 'README.md').read_text() == 'the previous export'
 
 
-def test_os_errors_are_one_line(checkpoint, tmp_path, capsys, monkeypatch):
+def test_os_errors_and_odd_names_are_one_line(checkpoint, tmp_path, capsys, monkeypatch):
     (tmp_path / 'a-file').write_text('')
     assert _export(checkpoint, tmp_path / 'a-file' / 'export') == 1
     err = capsys.readouterr().err
     assert err.startswith('timm-gsop export: error: ') and len(err.strip().splitlines()) == 1
     assert 'a-file' in err and 'Traceback' not in err
+
+    assert _export(checkpoint, tmp_path / os.fsdecode(b'out\xff')) == 1  # not UTF-8: cannot name it on the card
+    err = capsys.readouterr().err
+    assert 'is not UTF-8 text' in err and len(err.strip().splitlines()) == 1
+    assert not leftovers(tmp_path / os.fsdecode(b'out\xff'))
 
     def disk_full(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), 'model.safetensors')
@@ -209,3 +238,20 @@ def test_os_errors_are_one_line(checkpoint, tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert err.strip() == 'timm-gsop export: error: No space left on device: model.safetensors'
     assert not out.exists() and not leftovers(out)
+
+
+def test_unusable_weights_are_one_line_errors(tmp_path, capsys):
+    """Integer keys; float64 values beyond float32 (inf once in the model); finite weights with non-finite logits."""
+    state_dict = make_model('gsop_resnet50', 23, **SMALL).state_dict()
+    cases = {
+        'int-key': ({0: torch.zeros(1), **state_dict}, 'holds no state dict of tensors named by strings'),
+        'float64': (dict(state_dict, **{'fc.bias': torch.full((5,), 1e300, dtype=torch.float64)}),
+                    'non-finite values (NaN or inf'),
+        'logits': (dict(state_dict, **{'fc.weight': torch.full((5, 2048), 3e38)}), 'give non-finite logits'),
+    }
+    for name, (weights, message) in cases.items():
+        torch.save({'state_dict': weights}, tmp_path / f'{name}.pth')
+        assert _export(tmp_path / f'{name}.pth', tmp_path / 'out') == 1, name
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1 and 'Traceback' not in err, (name, err)
+        assert not (tmp_path / 'out').exists() and not leftovers(tmp_path / 'out')

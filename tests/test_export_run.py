@@ -102,7 +102,7 @@ def test_the_card_snippet_reproduces_the_cards_top1(shapes_run, tmp_path):
     arch = 'GSoP-Net1 on a ResNet-14 (1, 1, 1, 1 bottlenecks per stage); a GSoP block (attn_mode `channel`, ' \
            'attn_dim 16: 16x16 channel covariance) after bn3 of the last bottleneck of stages 1, 2, 3, 4'
     assert arch in readme and 'output stride 16' in readme and '4x4 at 64x64' in readme
-    macs = card.measure(model, (3, 64, 64))[0]
+    macs = card.measure('gsop_resnet50', json.loads((out / 'config.json').read_text())['model_args'], (3, 64, 64))[0]
     assert f'**GMACs (64x64):** {macs / 1e9:.2f}' in readme
     assert f'**Params (M):** {sum(p.numel() for p in model.parameters()) / 1e6:.2f}' in readme
     assert 'license: unknown' in readme and '**License:** none given by the publisher' in readme
@@ -136,16 +136,78 @@ def test_preprocessing_class_names_dataset_and_licence_options(shapes_run, tmp_p
 @pytest.mark.parametrize('option,message', [
     (['--crop-pct', '1.5'], 'crop_pct must be a number in (0, 1]'),
     (['--crop-mode', 'zoom'], 'crop_mode must be one of center, squash, border'),
-    (['--img-size', '16'], 'img_size must be one or two integers of at least 64'),
-    (['--std', '0.2', '0', '0.2'], 'std needs 1 or 3 values > 0'),
+    (['--img-size', '16'], 'img_size must be one or two integers from 64 to 4096 (px), got 16'),
+    (['--img-size', '30000'], 'img_size must be one or two integers from 64 to 4096 (px), got 30000'),
+    (['--std', '0.2', '0', '0.2'], 'std needs 1 or 3 finite numbers > 0'),
+    (['--std', 'inf'], 'std needs 1 or 3 finite numbers > 0, got [inf]'),  # config.json must stay JSON
+    (['--mean', 'nan', '0.5', '0.5'], 'mean needs 1 or 3 finite numbers, got [nan, 0.5, 0.5]'),
     (['--label-names', 'LABELS'], '2 label names given for a classifier of 3 classes'),
+    (['--label-names', 'LATIN1'], 'cannot read the label names file'),
+    (['--license', 'mit\nfoo: bar'], "--license 'mit\\nfoo: bar' is not a Hub licence id; choose one of apache-2.0, "),
+    (['--license', 'my-licence'], "--license 'my-licence' is not a Hub licence id; choose one of apache-2.0, "),
+    (['--dataset-name', 'a\nb'], '--dataset-name must be one line of printable text'),
+    (['--model-kwargs', 'pretrained=True'], 'pretrained cannot be given as model kwargs'),
+    (['--model-kwargs', 'checkpoint_path="x"'], 'checkpoint_path cannot be given as model kwargs'),
+    # sizes the weights do not have: refused (by the constructor's bounds, or as not fitting the weights on the
+    # meta device) before anything of that size is allocated; the fit explanation takes several lines
+    (['--model-kwargs', 'attn_dim=30000'], 'attn_dim=30000'),
+    (['--model-kwargs', 'num_classes=1e11'], 'num_classes'),
+    (['--model-kwargs', 'num_classes=100000000000'], 'num_classes=100000000000'),
+    (['--model-kwargs', 'layers=[1000000, 1, 1, 1]'], 'layers'),
 ])
 def test_bad_export_options_are_clear_errors(shapes_run, tmp_path, capsys, option, message):
     (tmp_path / 'labels.txt').write_text('a\nb\n')
-    option = [str(tmp_path / 'labels.txt') if o == 'LABELS' else o for o in option]
+    (tmp_path / 'latin1.txt').write_bytes('r\xf6nd\nhollow\nboxy\n'.encode('latin-1'))
+    option = [str(tmp_path / {'LABELS': 'labels.txt', 'LATIN1': 'latin1.txt'}[o]) if o in ('LABELS', 'LATIN1') else o
+              for o in option]
     assert cli.main(['export', str(shapes_run['checkpoint']), str(tmp_path / 'out'), '--model', 'gsop_resnet50',
                      '-q', *option]) == 1
-    assert message in capsys.readouterr().err and not (tmp_path / 'out').exists()
+    err = capsys.readouterr().err
+    assert err.startswith('timm-gsop export: error: ') and message in err and 'Traceback' not in err, err
+    assert len(err.strip().splitlines()) == 1 or 'does not fit this gsop_resnet50 model' in err, err
+    assert not (tmp_path / 'out').exists()
+
+
+@pytest.mark.parametrize('bad,message', [
+    (dict(mean='x'), "args.yaml: mean needs 1 or 3 finite numbers, got 'x'"),
+    (dict(std=[0.2, float('inf'), 0.2]), 'args.yaml: std needs 1 or 3 finite numbers > 0'),
+    (dict(crop_pct=7), 'args.yaml: crop_pct must be a number in (0, 1], got 7'),
+    (dict(interpolation='foo'), "args.yaml: interpolation must be one of nearest, bilinear, bicubic, box, hamming, "
+                                "lanczos; got 'foo'"),
+    (dict(img_size='abc'), "args.yaml: img_size must be one or two integers from 64 to 4096 (px), got 'abc'"),
+    (dict(img_size=30000), 'args.yaml: img_size must be one or two integers from 64 to 4096 (px), got 30000'),
+    (dict(input_size=[3, 64]), 'args.yaml: input_size must be one or two integers from 64 to 4096 (px) after 3'),
+    (dict(model_kwargs=dict(MODEL_KWARGS, attn_dim=30000)), 'attn_dim=30000'),
+    (dict(model_kwargs=dict(MODEL_KWARGS, pretrained=True)), 'pretrained cannot be given as model kwargs'),
+    (dict(model=None), 'no --model given, and no args.yaml beside'),
+])
+def test_bad_values_in_args_yaml_are_refused_as_options_are(shapes_run, tmp_path, capsys, bad, message):
+    checkpoint = write_run(tmp_path / 'run', shapes_run['model'], dict(shapes_run['args'], **bad))
+    assert cli.main(['export', str(checkpoint), str(tmp_path / 'out'), '-q']) == 1
+    err = capsys.readouterr().err
+    assert err.startswith('timm-gsop export: error: ') and message in err and 'Traceback' not in err, err
+    assert len(err.strip().splitlines()) == 1 or 'does not fit this gsop_resnet50 model' in err, err
+    assert not (tmp_path / 'out').exists()
+
+
+def test_model_from_args_yaml_and_odd_epochs(shapes_run, tmp_path, capsys):
+    """--model and its kwargs come from args.yaml; a NaN epoch (checkpoint, summary.csv) is no epoch."""
+    summary = 'epoch,eval_top1,eval_top5\nnan,10.0,20.0\n0,40.0,100.0\n1.5,45.0,100.0\n1,55.5,100.0\n'
+    checkpoint = write_run(tmp_path / 'run', shapes_run['model'], shapes_run['args'], summary=summary,
+                           epoch=float('nan'), metric=float('nan'))
+    out = tmp_path / 'out'
+    assert cli.main(['export', str(checkpoint), str(out), '-q', '--install', 'pip install timm-gsop==0.1.0']) == 0
+    assert json.loads((out / 'config.json').read_text())['architecture'] == 'gsop_resnet50'
+    readme = (out / 'README.md').read_text()
+    assert '(2 epochs in its summary.csv)' in readme and 'this checkpoint' not in readme
+    assert '| best epoch of the run | 1 | 55.50 |' in readme and '| nan' not in readme
+    assert '`pip install timm-gsop==0.1.0`; `import timm_gsop` registers' in readme
+
+    no_run = tmp_path / 'bare.pth.tar'  # no args.yaml, no stored arguments: --model is needed
+    torch.save({'state_dict': shapes_run['model'].state_dict()}, no_run)
+    assert cli.main(['export', str(no_run), str(tmp_path / 'out2'), '-q']) == 1
+    err = capsys.readouterr().err
+    assert 'no --model given, and no args.yaml beside' in err and 'one of gsop2_resnet101, ' in err
 
 
 def test_card_facts_follow_the_model_net2_at_its_resolution(tmp_path):
@@ -161,7 +223,8 @@ def test_card_facts_follow_the_model_net2_at_its_resolution(tmp_path):
     assert 'iSQRT-COV pooling (1x1 conv 2048->128, 128x128 covariance, 3 Newton-Schulz iterations, ' \
            'upper triangle of 8,256 values)' in readme
     assert 'output stride 32.' in readme and '3x3 at 96x96' in readme  # last_stride=2
-    assert f'**GMACs (96x96):** {card.measure(model, (3, 96, 96))[0] / 1e9:.2f}' in readme
+    macs = card.measure('gsop2_resnet50', json.loads((out / 'config.json').read_text())['model_args'], (3, 96, 96))[0]
+    assert f'**GMACs (96x96):** {macs / 1e9:.2f}' in readme
     assert '**Training data:** `torch/cifar10`' in readme
     assert 'ResNet-50' not in readme and '224x224' not in readme  # nothing left from the defaults
     config = json.loads((out / 'config.json').read_text())
@@ -180,3 +243,19 @@ def test_card_facts_follow_the_model_cifar(tmp_path):
     assert '1x1 conv 256->64, 64x64 covariance' in readme and 'upper triangle of 2,080 values' in readme
     assert 'output stride 4.' in readme and '8x8 at 32x32' in readme and '**GMACs (32x32):**' in readme
     assert 'mean (0.5071, 0.4865, 0.4409)' in readme and 'a linear classifier to 100 classes' in readme
+
+
+def test_class_names_are_the_class_folders_in_timms_order(tmp_path, monkeypatch):
+    from timm.data.readers.reader_image_folder import find_images_and_targets
+    from timm_gsop.hub.run import run_label_names
+    train = tmp_path / 'data' / 'train'
+    for name in ('c10', 'c2', 'C1', 'b'):
+        (train / name).mkdir(parents=True)
+        (train / name / 'x.png').write_bytes(b'')
+    (train / '.ipynb_checkpoints').mkdir()  # no image in it: not a class for timm's reader
+    _, class_to_idx = find_images_and_targets(str(train))
+    monkeypatch.setattr('os.walk', lambda *a, **k: pytest.fail('the images are walked'))
+    names, origin = run_label_names(dict(data_dir=str(tmp_path / 'data'), dataset=''), 4)
+    assert names == sorted(class_to_idx, key=class_to_idx.get) == ['b', 'C1', 'c2', 'c10'] and str(train) in origin
+    assert run_label_names(dict(data_dir=str(tmp_path / 'data')), 5)[0] is None  # another number of classes
+    assert run_label_names(dict(data_dir=str(tmp_path / 'data'), dataset='torch/cifar10'), 4)[0] is None

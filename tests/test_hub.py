@@ -41,6 +41,7 @@ def net1_run(tmp_path_factory):
     args = dict(
         model='gsop_resnet50', model_kwargs={'attn_mode': 'position', 'attn_dim': ATTN_DIM}, num_classes=NUM_CLASSES,
         epochs=3, batch_size=32, opt='sgd', lr=0.1, momentum=0.9, weight_decay=1e-4, sched='cosine',
+        decay_epochs=90, decay_rate=0.1, mixup=0.0, mixup_prob=1.0, workers=8, device='cuda:0',
         model_ema=True, data_dir='/home/someone/data/imagenet', output='/home/someone/out', dataset='')
     checkpoint = write_run(
         tmp_path_factory.mktemp('train') / 'gsop_resnet50-run', model, args, ema=ema, epoch=1, metric=52.5,
@@ -63,7 +64,7 @@ def net2_export(net2_checkpoint):
     """net2_checkpoint exported with explicit --model-kwargs."""
     root = net2_checkpoint['root']
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(card, 'measure', lambda model, input_size: (FAKE_MACS, (2048, 14, 14)))
+        mp.setattr(card, 'measure', lambda *args: (FAKE_MACS, (2048, 14, 14)))
         rc = cli.main([
             'export', str(net2_checkpoint['checkpoint']), str(root / 'export'), '--model', 'gsop2_resnet50', '-q',
             '--model-kwargs', 'attn_mode=fusion_concat', f'attn_dim={ATTN_DIM}', f'num_classes={NUM_CLASSES}'])
@@ -82,7 +83,7 @@ def test_export_net1_ema_round_trip_and_card(net1_run, tmp_path, capsys, monkeyp
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     assert captured.out.strip() == str(out)
-    assert 'state_dict_ema' in captured.err and 'counting multiply-accumulates' in captured.err  # progress
+    assert 'state_dict_ema' in captured.err and 'writing model.safetensors' in captured.err  # progress
     assert_publishable(out)
 
     config = json.loads((out / 'config.json').read_text())
@@ -112,20 +113,22 @@ def test_export_net1_ema_round_trip_and_card(net1_run, tmp_path, capsys, monkeyp
     assert 'Gao, Zilin and Xie, Jiangtao and Wang, Qilong and Li, Peihua' in readme and 'CVPR' in readme
     n_params = sum(p.numel() for p in loaded.parameters())
     assert f'**Params (M):** {n_params / 1e6:.2f}' in readme
-    assert f'**GMACs (224x224):** {card.measure(loaded, (3, 224, 224))[0] / 1e9:.2f}' in readme
+    macs = card.measure('gsop_resnet50', config['model_args'], (3, 224, 224))[0]
+    assert f'**GMACs (224x224):** {macs / 1e9:.2f}' in readme
     assert 'ResNet-50 (3, 4, 6, 3 bottlenecks per stage)' in readme
     assert '64x64 position covariance of a 8x8 pooled map' in readme and '14x14 at 224x224' in readme
     assert 'EMA weights of epoch 1' in readme and '**License:** none given' in readme
-    assert '| lr | 0.1 |' in readme and '| sched | cosine |' in readme and '| epochs | 3 |' in readme
+    recipe = readme.split('```yaml\n')[1].split('```')[0].splitlines()
+    assert {'lr: 0.1', 'sched: cosine', 'epochs: 3', 'opt: sgd', 'momentum: 0.9', 'model_ema: true'} <= set(recipe)
+    # what did not apply (step decay beside cosine, mixup settings without mixup) and the machine are left out
+    assert not [line for line in recipe if line.startswith(('decay_', 'mixup_', 'workers', 'device', 'output'))]
+    assert 'mixup: 0.0' in recipe  # set, and off
     assert '/home/someone' not in readme  # no local paths published; the data folder by its own name:
     assert '**Training data:** the image folder `imagenet`' in readme
     assert '| this checkpoint | 1 | 52.50 | 88.75 |' in readme
     assert "timm.create_model('hf-hub:USER/REPO', pretrained=True)" in readme and 'import timm_gsop' in readme
-    if (out / 'training_curves.png').exists():
-        assert (out / 'training_curves.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
-        assert '![Training curves](training_curves.png)' in readme
-    else:
-        assert 'matplotlib is not installed' in readme
+    assert 'matplotlib' not in readme and 'pip install timm timm-gsop' not in readme  # nothing untrue
+    assert 'Install `timm` and the `timm-gsop` package from ' in readme
 
 
 def test_export_net2_round_trip(net2_export):
@@ -147,11 +150,17 @@ def test_export_net2_round_trip(net2_export):
 
 def test_measure_counts_multiply_adds_and_the_feature_map(monkeypatch):
     monkeypatch.undo()
-    model = timm.create_model('gsop_resnet50', layers=(1, 1, 1, 1), attn_dim=16, num_classes=0)
-    macs, features = card.measure(model, (3, 96, 64))
+    kwargs = dict(layers=(1, 1, 1, 1), attn_dim=16, num_classes=0)
+    macs, features = card.measure('gsop_resnet50', kwargs, (3, 96, 64))
     assert features == (2048, 6, 4)  # output stride 16
     stem = 64 * 3 * 49 * 48 * 32  # the 7x7 stride-2 conv alone
     assert stem < macs < 1e9
+    from torch.utils.flop_counter import FlopCounterMode  # the meta-device count is the real forward's
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        timm.create_model('gsop_resnet50', **kwargs).eval()(torch.zeros(1, 3, 96, 64))
+    assert macs == counter.get_total_flops() // 2
+    # a huge input size costs nothing to count: no memory is allocated for it
+    assert card.measure('gsop_resnet50', kwargs, (3, 4096, 4096))[1] == (2048, 256, 256)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -406,6 +415,30 @@ def test_error_wrong_architecture(net2_checkpoint, net1_run, tmp_path, capsys):
     assert rc == 1 and '--model-kwargs attn_mode=position' in err
     assert 'attn.channel_gate.' in err and 'attn.position_gate.' in err
     assert not (tmp_path / 'out').exists() and not list(tmp_path.iterdir())
+
+
+_HELP_SCRIPT = """
+import importlib, sys
+module, _, func = sys.argv[1].partition(':')
+sys.argv = ['timm-gsop', *sys.argv[2:]]
+try:
+    getattr(importlib.import_module(module), func)()
+except SystemExit as e:
+    print('exit', e.code, 'torch' in sys.modules, 'timm' in sys.modules, flush=True)
+"""
+
+
+@pytest.mark.parametrize('argv', [['--help'], ['export', '--help'], ['push', '--help'], ['export']])
+def test_console_script_answers_without_importing_torch(argv):
+    """What the installed ``timm-gsop`` runs (pyproject's entry point), in a fresh interpreter."""
+    import re  # tomllib is Python 3.11+
+    pyproject = (Path(__file__).parents[1] / 'pyproject.toml').read_text()
+    entry_point = re.search(r'^timm-gsop\s*=\s*"([^"]+)"', pyproject, re.M)[1]
+    proc = subprocess.run([sys.executable, '-c', _HELP_SCRIPT, entry_point, *argv], capture_output=True, text=True,
+                          timeout=120, cwd=Path(__file__).parents[1])
+    assert proc.stdout.strip().splitlines()[-1] == f'exit {2 if argv == ["export"] else 0} False False', proc.stdout
+    out = proc.stdout + proc.stderr
+    assert 'usage: timm-gsop' in out and (argv == ['--help'] or '--model' in out)
 
 
 def test_python_m_entry_point(monkeypatch, capsys):

@@ -1,23 +1,10 @@
-"""Publish GSoP-Net weights the way timm users load them: a Hugging Face Hub folder.
-
-    run.py       reading a checkpoint and what its training run left (args.yaml, summary.csv, classes)
-    export.py    rebuilding the model, its preprocessing, the export and the push
-    card.py      the model card
-    folder.py    writing the folder atomically, never replacing what an export did not make
-
-The command line is ``timm-gsop export|push`` (``timm_gsop.cli``).
+"""Publish GSoP-Net weights as timm users load them, a Hugging Face Hub folder (``timm-gsop export|push``):
+``run.py`` reads the checkpoint and its run, ``export.py`` rebuilds the model and writes the folder,
+``card.py`` the model card, and ``folder.py`` puts it in place, never replacing what an export did not make.
 """
-from .card import measure, model_card
-from .export import (
-    PREPROCESSING_KEYS, build_model_from_checkpoint, export_checkpoint, export_data_config, parse_model_kwargs,
-    push_checkpoint)
-from .folder import ALLOWED_FILES, StagedFolder
-from .messages import ExportError, Reporter
-from .run import LoadedCheckpoint, TrainRun, read_checkpoint, read_label_names_file, read_run
+from .export import HUB_LICENSES, PREPROCESSING_KEYS, export_checkpoint, parse_model_kwargs, push_checkpoint
+from .folder import ALLOWED_FILES, MANIFEST
+from .run import ExportError, read_label_names_file
 
-__all__ = [
-    'ExportError', 'LoadedCheckpoint', 'TrainRun', 'read_checkpoint', 'read_run', 'read_label_names_file',
-    'build_model_from_checkpoint', 'export_data_config', 'export_checkpoint', 'push_checkpoint',
-    'parse_model_kwargs', 'model_card', 'measure', 'ALLOWED_FILES', 'PREPROCESSING_KEYS', 'StagedFolder',
-    'Reporter',
-]
+__all__ = ['ExportError', 'export_checkpoint', 'push_checkpoint', 'parse_model_kwargs', 'read_label_names_file',
+           'ALLOWED_FILES', 'MANIFEST', 'HUB_LICENSES', 'PREPROCESSING_KEYS']

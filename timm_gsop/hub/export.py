@@ -1,19 +1,13 @@
 """Export a checkpoint as a folder that timm and the Hugging Face Hub load, and push it.
 
-``export_checkpoint`` reads the checkpoint and its run (``run.py``), rebuilds the model it was
-trained as, and writes with timm's own ``save_for_hf``:
-
-* ``model.safetensors``: the weights (the EMA weights of a train.py checkpoint when present);
-* ``config.json``: architecture, model arguments, and a ``pretrained_cfg`` whose preprocessing
-  (input size, crop, interpolation, mean, std) is what the run validated with, plus the class names;
-  options override any of it;
-* ``README.md``: the model card (``card.py``), and ``training_curves.png`` with matplotlib.
-
-It is written in a staged folder (``folder.py``), checked (no pickle file; the folder alone rebuilds
-a model with the same logits and the same preprocessing), then put in place atomically.
-``push_checkpoint`` exports to a temporary folder and uploads it with ``huggingface_hub``.
+``export_checkpoint`` rebuilds the model the checkpoint was trained as and writes, with timm's own
+``save_for_hf``, ``model.safetensors`` (the EMA weights when present) and ``config.json`` (the
+preprocessing the run validated with, options overriding it, and the class names), then the card. The
+folder is checked (strict JSON; alone it rebuilds the same logits and preprocessing) and put in place by
+``folder.py``. ``push_checkpoint`` exports to a temporary folder and uploads it with ``huggingface_hub``.
 """
 import ast
+import inspect
 import json
 import os
 import tempfile
@@ -27,26 +21,39 @@ import timm
 from huggingface_hub import HfApi
 from timm.data import resolve_data_config, resolve_model_data_config
 
-from ..models._checkpoint import CheckpointError, check_state_dict_fits, inspect_state_dict
+from ..models._checkpoint import CheckpointError, check_finite, check_state_dict_fits, inspect_state_dict
 from .card import OFFICIAL_CODE_URL, model_card
-from .folder import ALLOWED_FILES, StagedFolder
-from .messages import ExportError, Reporter
-from .run import LoadedCheckpoint, TrainRun, check_label_names, read_checkpoint, read_run, run_dataset, run_label_names
+from .folder import ALLOWED_FILES, MANIFEST, StagedFolder
+from .run import (
+    ExportError, LoadedCheckpoint, Reporter, TrainRun, check_label_names, finite_number, read_checkpoint, read_run,
+    run_label_names)
 
 __all__ = [
-    'export_checkpoint', 'push_checkpoint', 'build_model_from_checkpoint', 'export_data_config',
-    'parse_model_kwargs', 'PREPROCESSING_KEYS',
+    'export_checkpoint', 'push_checkpoint', 'build_model_from_checkpoint', 'export_data_config', 'parse_model_kwargs',
+    'PREPROCESSING_KEYS', 'HUB_LICENSES',
 ]
 
 PathLike = Union[str, os.PathLike]
 
-_PICKLE_SUFFIXES = ('.bin', '.pth', '.pt', '.pkl', '.pickle', '.tar', '.ckpt', '.npz')
 _DATA_KEYS = ('input_size', 'interpolation', 'mean', 'std', 'crop_pct', 'crop_mode')
 #: What ``preprocessing=`` may set (the export options of the same names).
 PREPROCESSING_KEYS = ('img_size', 'crop_pct', 'crop_mode', 'interpolation', 'mean', 'std',
                       'test_img_size', 'test_crop_pct')
 _CROP_MODES = ('center', 'squash', 'border')
 _INTERPOLATIONS = ('nearest', 'bilinear', 'bicubic', 'box', 'hamming', 'lanczos')
+MAX_IMG_SIZE = 4096
+#: Licence ids the Hub accepts in a model card (huggingface.co/docs/hub/repositories-licenses; 'other'
+#: needs a name and link, so it is not offered).
+HUB_LICENSES = (
+    'apache-2.0', 'mit', 'bsd', 'bsd-2-clause', 'bsd-3-clause', 'bsd-3-clause-clear', 'isc', 'zlib', 'unlicense',
+    'cc0-1.0', 'cc-by-2.0', 'cc-by-2.5', 'cc-by-3.0', 'cc-by-4.0', 'cc-by-sa-3.0', 'cc-by-sa-4.0', 'cc-by-nc-2.0',
+    'cc-by-nc-3.0', 'cc-by-nc-4.0', 'cc-by-nd-4.0', 'cc-by-nc-nd-3.0', 'cc-by-nc-nd-4.0', 'cc-by-nc-sa-2.0',
+    'cc-by-nc-sa-3.0', 'cc-by-nc-sa-4.0', 'openrail', 'openrail++', 'creativeml-openrail-m', 'bigscience-openrail-m',
+    'afl-3.0', 'artistic-2.0', 'bsl-1.0', 'ecl-2.0', 'epl-1.0', 'epl-2.0', 'eupl-1.1', 'eupl-1.2', 'gpl-2.0',
+    'gpl-3.0', 'lgpl-2.1', 'lgpl-3.0', 'agpl-3.0', 'mpl-2.0', 'osl-3.0', 'postgresql', 'ncsa', 'wtfpl', 'odc-by',
+    'odbl', 'pddl', 'cdla-permissive-2.0', 'unknown')
+# create_model's own keywords: not model arguments (the weights come from the checkpoint).
+_NOT_MODEL_ARGS = set(inspect.signature(timm.create_model).parameters) - {'model_name', 'kwargs'} | {'features_only'}
 
 
 def parse_model_kwargs(items: Optional[Sequence[str]]) -> Dict[str, Any]:
@@ -59,33 +66,28 @@ def parse_model_kwargs(items: Optional[Sequence[str]]) -> Dict[str, Any]:
             raise ExportError(f'model kwarg {item!r} is not of the form key=value')
         try:
             out[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
             out[key] = value
     return out
 
 
 def build_model_from_checkpoint(
-        checkpoint: LoadedCheckpoint,
-        model_name: str,
-        model_kwargs: Optional[Dict[str, Any]] = None,
-        run: Optional[TrainRun] = None,
-        reporter: Optional[Reporter] = None,
-) -> Tuple[nn.Module, Dict[str, Any]]:
-    """``timm.create_model(model_name, **kwargs)`` with the checkpoint's weights loaded strictly.
-
-    kwargs: what the weights decide (``inspect_state_dict``: num_classes, attn_dim, attn_mode where
-    the keys tell it), then the run's ``--model-kwargs``, then ``model_kwargs`` (later ones win).
-    Returns the model (eval mode) and the kwargs it was created with.
-    """
+        checkpoint: LoadedCheckpoint, model_name: str, model_kwargs: Optional[Dict[str, Any]] = None,
+        run: Optional[TrainRun] = None, reporter: Optional[Reporter] = None) -> Tuple[nn.Module, Dict[str, Any]]:
+    """(``timm.create_model(model_name, **kwargs)`` in eval mode with the checkpoint's weights, kwargs): what
+    the weights decide (num_classes, attn_dim, attn_mode where they tell), the run's, then ``model_kwargs``."""
     reporter = reporter or Reporter(verbose=False)
     names = sorted(timm.list_models('gsop*'))
     if model_name not in names:
         raise ExportError(f'unknown model {model_name!r}; this exports GSoP-Net models: {", ".join(names)}')
     if checkpoint.arch and not checkpoint.official and checkpoint.arch != model_name:
         reporter.warn(f'the checkpoint was trained as {checkpoint.arch!r}, exporting as {model_name!r}')
-
-    arch = inspect_state_dict(checkpoint.state_dict)
     given = dict((run or TrainRun()).model_kwargs(), **(model_kwargs or {}))
+    wrong = sorted(_NOT_MODEL_ARGS & set(given))
+    if wrong:
+        raise ExportError(f'{", ".join(wrong)} cannot be given as model kwargs: the export takes the weights from '
+                          f'the checkpoint and builds the model with its own arguments')
+    arch = inspect_state_dict(checkpoint.state_dict)
     kwargs = {k: v for k, v in arch.kwargs().items() if k != 'layers'}  # blocks per stage come from the name
     if arch.in_chans not in (None, 3):
         kwargs['in_chans'] = arch.in_chans
@@ -102,73 +104,79 @@ def build_model_from_checkpoint(
             'fusion_avg or fusion_max, which its keys cannot tell apart. Pass --model-kwargs attn_mode=fusion_avg '
             '(or attn_mode=fusion_max), as it was trained.')
     reporter.progress(f'creating {model_name}({", ".join(f"{k}={v!r}" for k, v in kwargs.items())})')
-    try:
-        model = timm.create_model(model_name, **kwargs)
-    except (TypeError, ValueError) as e:
-        raise ExportError(f'cannot create {model_name} with {kwargs}: {e}') from e
-    try:
+    try:  # on the meta device first: arguments that do not fit the weights cost no memory
+        model = timm.create_model(model_name, device='meta', **kwargs)
         check_state_dict_fits(checkpoint.state_dict, model, model_name=model_name, cli=True)
+        model = timm.create_model(model_name, **kwargs)
         model.load_state_dict(checkpoint.state_dict, strict=True)
+        check_finite(model.state_dict())  # float64 values beyond float32's range are inf in the model
     except CheckpointError as e:
         raise ExportError(f'{checkpoint.path}: {e}') from e
+    except Exception as e:  # the constructors refuse bad arguments, naming them
+        raise ExportError(f'cannot create {model_name} with {kwargs}: {type(e).__name__}: {e}') from e
     return model.eval(), kwargs
 
 
-def _spatial(value: Any, name: str, min_size: int) -> Tuple[int, int]:
-    size = (value, value) if isinstance(value, int) else tuple(value)
-    if len(size) != 2 or not all(isinstance(s, int) and s >= min_size for s in size):
-        raise ExportError(f'{name} must be one or two integers of at least {min_size} (px), got {value!r}')
-    return size
+def _apply_preprocessing(config: Dict[str, Any], values: Dict[str, Any], where: str, min_size: int) -> Dict[str, Any]:
+    """``config`` updated with ``values`` (option or train.py argument names), each checked."""
+    config, chans = dict(config), config['input_size'][0]
+    for key, value in values.items():
+        if value is None or value == '':
+            continue
+        if key in ('img_size', 'test_img_size', 'input_size'):
+            size = value[1:] if key == 'input_size' and isinstance(value, (list, tuple)) and len(value) == 3 \
+                and value[0] == chans else value
+            size = [size] * 2 if isinstance(size, int) else size
+            if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(
+                    isinstance(s, int) and not isinstance(s, bool) and min_size <= s <= MAX_IMG_SIZE for s in size)):
+                raise ExportError(f'{where}{key} must be one or two integers from {min_size} to {MAX_IMG_SIZE} (px)'
+                                  f'{f" after {chans} channels" if key == "input_size" else ""}, got {value!r}')
+            config['test_input_size' if key == 'test_img_size' else 'input_size'] = (chans, *size)
+        elif key in ('crop_pct', 'test_crop_pct'):
+            number = finite_number(value)
+            if number is None or not 0 < number <= 1:
+                raise ExportError(f'{where}{key} must be a number in (0, 1], got {value!r}')
+            config[key] = number
+        elif key in ('crop_mode', 'interpolation'):
+            valid = _CROP_MODES if key == 'crop_mode' else _INTERPOLATIONS
+            if value not in valid:
+                raise ExportError(f'{where}{key} must be one of {", ".join(valid)}; got {value!r}')
+            config[key] = value
+        elif key in ('mean', 'std'):
+            numbers = [finite_number(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
+            if len(numbers) not in (1, chans) or None in numbers or (key == 'std' and min(numbers) <= 0):
+                raise ExportError(f'{where}{key} needs 1 or {chans} finite numbers{" > 0" if key == "std" else ""}, '
+                                  f'got {value!r}')
+            config[key] = tuple(numbers * chans if len(numbers) == 1 else numbers)
+        else:
+            raise ExportError(f'unknown preprocessing setting {key!r}; known: {", ".join(PREPROCESSING_KEYS)}')
+    return config
 
 
-def export_data_config(
-        model: nn.Module,
-        run_args: Dict[str, Any],
-        preprocessing: Optional[Dict[str, Any]] = None,
-) -> Tuple[Dict[str, Any], Dict[str, Any]]:
-    """(exported preprocessing, the preprocessing the run validated with).
-
-    train.py validates with ``resolve_data_config(vars(args), model=model)``: the same call on the
-    run's arguments gives its input size, crop, interpolation, mean and std (the model's defaults
-    without a run). ``preprocessing`` (keys ``PREPROCESSING_KEYS``) overrides them and adds
-    ``test_input_size`` / ``test_crop_pct``.
-    """
-    measured = {k: v for k, v in resolve_data_config(dict(run_args), model=model).items() if k in _DATA_KEYS}
-    measured['input_size'] = tuple(measured['input_size'])
-    config = dict(measured)
-    options = {k: v for k, v in (preprocessing or {}).items() if v is not None}
-    unknown = sorted(set(options) - set(PREPROCESSING_KEYS))
-    if unknown:
-        raise ExportError(f'unknown preprocessing settings {unknown}; known: {", ".join(PREPROCESSING_KEYS)}')
-    chans = config['input_size'][0]
+def export_data_config(model: nn.Module, run_args: Dict[str, Any], preprocessing: Optional[Dict[str, Any]] = None,
+                       origin: str = 'the run') -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """(exported preprocessing, the one the run validated with): as train.py's ``resolve_data_config(args,
+    model=model)``, the model's defaults with the run's values, checked as the options that override them."""
+    defaults = {k: v for k, v in resolve_data_config({}, model=model).items() if k in _DATA_KEYS}
+    defaults['input_size'] = tuple(defaults['input_size'])
     min_size = (model.pretrained_cfg.get('min_input_size') or (3, 1, 1))[-1]
-    for key in ('img_size', 'test_img_size'):
-        if key in options:
-            config[key.replace('img_size', 'input_size')] = (chans, *_spatial(options[key], key, min_size))
-    for key in ('crop_pct', 'test_crop_pct'):
-        if key in options:
-            if not isinstance(options[key], (int, float)) or not 0 < options[key] <= 1:
-                raise ExportError(f'{key} must be a number in (0, 1], got {options[key]!r}')
-            config[key] = float(options[key])
-    for key, valid in (('crop_mode', _CROP_MODES), ('interpolation', _INTERPOLATIONS)):
-        if key in options:
-            if options[key] not in valid:
-                raise ExportError(f'{key} must be one of {", ".join(valid)}; got {options[key]!r}')
-            config[key] = options[key]
-    for key in ('mean', 'std'):
-        if key in options:
-            values = tuple(float(v) for v in options[key])
-            if len(values) not in (1, chans) or (key == 'std' and min(values) <= 0):
-                raise ExportError(f'{key} needs 1 or {chans} values{" > 0" if key == "std" else ""}, got {values}')
-            config[key] = values * chans if len(values) == 1 else values
-    return config, measured
+    run = {k: run_args.get(k) for k in ('img_size', 'input_size', 'crop_pct', 'crop_mode', 'interpolation',
+                                        'mean', 'std')}
+    if run['input_size'] is not None:  # train.py's --input-size wins over --img-size
+        run.pop('img_size')
+    measured = _apply_preprocessing(defaults, run, f"{origin}: ", min_size)
+    return _apply_preprocessing(measured, preprocessing or {}, '', min_size), measured
 
 
 def _check_folder(folder: Path) -> None:
+    """Export files only (no pickle), and a config.json of strict JSON (no NaN / Infinity)."""
     names = sorted(p.name for p in folder.iterdir())
-    bad = [n for n in names if n not in ALLOWED_FILES or n.endswith(_PICKLE_SUFFIXES)]
-    if bad or 'model.safetensors' not in names or 'config.json' not in names:
-        raise ExportError(f'internal error: the export folder holds {names}; unexpected: {bad}')
+    if not set(names) <= set(ALLOWED_FILES) - {MANIFEST} or 'model.safetensors' not in names:
+        raise ExportError(f'internal error: the export folder holds {names}')
+
+    def refuse(constant: str):
+        raise ExportError(f'internal error: config.json would hold {constant}, which is not JSON')
+    json.loads((folder / 'config.json').read_text(), parse_constant=refuse)
 
 
 def _verify_reload(model: nn.Module, folder: Path, data_config: Dict[str, Any],
@@ -177,74 +185,79 @@ def _verify_reload(model: nn.Module, folder: Path, data_config: Dict[str, Any],
     try:
         reloaded = timm.create_model(f'local-dir:{folder}', pretrained=True).eval()
     except Exception as e:
-        raise ExportError(
-            f'the exported folder does not load with timm.create_model("local-dir:...", pretrained=True): '
-            f'{type(e).__name__}: {e}') from e
+        raise ExportError(f'the exported folder does not load with timm.create_model("local-dir:...", '
+                          f'pretrained=True): {type(e).__name__}: {e}') from e
     size = model.pretrained_cfg.get('min_input_size', (3, 64, 64))[-1]  # the cheapest input the model takes
     x = torch.randn(2, data_config['input_size'][0], size, size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want, got = model(x), reloaded(x)
+    if not torch.isfinite(want).all():
+        raise ExportError('the weights are finite but give non-finite logits (NaN or inf) on a random input; '
+                          'the checkpoint is not usable as it is')
     if want.shape != got.shape or not torch.allclose(want, got, rtol=1e-4, atol=1e-5):
         raise ExportError('internal error: the exported folder rebuilds a model whose logits differ from the source')
-    def as_tuples(cfg: Dict[str, Any]) -> Dict[str, Any]:  # config.json gives lists
-        return {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items() if k in _DATA_KEYS}
-    resolved = resolve_model_data_config(reloaded)
-    test = resolve_model_data_config(reloaded, use_test_size=True)
-    want_test = dict(data_config, input_size=data_config.get('test_input_size', data_config['input_size']),
-                     crop_pct=data_config.get('test_crop_pct', data_config['crop_pct']))
-    if as_tuples(resolved) != as_tuples(data_config) or as_tuples(test) != as_tuples(want_test):
-        raise ExportError(f'internal error: the exported folder resolves to preprocessing {resolved}, '
-                          f'not {data_config}')
-    if label_names and list(reloaded.pretrained_cfg.get('label_names') or []) != list(label_names):
-        raise ExportError('internal error: the exported folder does not carry the class names')
+
+    for use_test_size in (False, True):  # config.json gives lists
+        got = {k: tuple(v) if isinstance(v, list) else v for k, v in
+               resolve_model_data_config(reloaded, use_test_size=use_test_size).items() if k in _DATA_KEYS}
+        want = dict({k: data_config[k] for k in _DATA_KEYS}, **({
+            'input_size': data_config.get('test_input_size', data_config['input_size']),
+            'crop_pct': data_config.get('test_crop_pct', data_config['crop_pct'])} if use_test_size else {}))
+        if got != want or list(reloaded.pretrained_cfg.get('label_names') or []) != list(label_names or []):
+            raise ExportError(f'internal error: the exported folder gives preprocessing {got} and class names '
+                              f'{reloaded.pretrained_cfg.get("label_names")}, not {want} and {label_names}')
+
+
+def _check_text(name: str, value: Optional[str]) -> None:
+    if value is not None and (not value.isprintable() or not value.strip()):
+        raise ExportError(f'{name} must be one line of printable text, got {value!r}')
 
 
 def export_checkpoint(
-        checkpoint: PathLike,
-        out_dir: PathLike,
-        model_name: str,
-        model_kwargs: Optional[Dict[str, Any]] = None,
-        *,
-        force: bool = False,
-        repo_id: Optional[str] = None,
-        license: Optional[str] = None,
-        preprocessing: Optional[Dict[str, Any]] = None,
-        label_names: Optional[Sequence[str]] = None,
-        dataset: Optional[str] = None,
-        verbose: bool = True,
-        verify: bool = True,
-) -> Path:
-    """Export ``checkpoint`` to the folder ``out_dir`` (see the module docstring). Returns ``out_dir``.
-
-    ``force`` replaces a previous export at ``out_dir``, nothing else. ``preprocessing`` overrides
-    the run's (keys ``PREPROCESSING_KEYS``); ``label_names`` and ``dataset`` (a name for the card)
-    replace what the run says; ``license`` is the card's licence (none by default). Raises
-    ExportError with a message that says what is wrong.
-    """
+        checkpoint: PathLike, out_dir: PathLike, model_name: Optional[str] = None,
+        model_kwargs: Optional[Dict[str, Any]] = None, *, force: bool = False, repo_id: Optional[str] = None,
+        license: Optional[str] = None, preprocessing: Optional[Dict[str, Any]] = None,
+        label_names: Optional[Sequence[str]] = None, dataset: Optional[str] = None, install: Optional[str] = None,
+        verbose: bool = True, verify: bool = True) -> Path:
+    """Export ``checkpoint`` to the new folder ``out_dir``; returns it. ``model_name`` defaults to the run's
+    (args.yaml); ``force`` replaces a previous export; ``preprocessing`` (``PREPROCESSING_KEYS``),
+    ``label_names`` and ``dataset`` replace the run's; ``license``: a Hub licence id; ``install``: the
+    card's install line. Raises ExportError."""
     reporter = Reporter(verbose)
     checkpoint_path, out_dir = Path(checkpoint), Path(out_dir)
-    staged = StagedFolder(out_dir, force=force, keep=[checkpoint_path], report=reporter.warn)
+    try:
+        str(out_dir).encode('utf-8')
+    except UnicodeError:
+        raise ExportError(f'the folder name {os.fsencode(out_dir)!r} is not UTF-8 text; choose another') from None
+    if license is not None and license not in HUB_LICENSES:
+        raise ExportError(f'--license {license!r} is not a Hub licence id; choose one of {", ".join(HUB_LICENSES)}')
+    for name, value in (('--dataset-name', dataset), ('--install', install), ('--repo-id', repo_id)):
+        _check_text(name, value)
+    staged = StagedFolder(out_dir, force=force, report=reporter.warn)
 
-    reporter.progress(f'reading {checkpoint_path}')
     ckpt = read_checkpoint(checkpoint_path)
     run = read_run(ckpt)
-    kind = 'official GSoP checkpoint (names converted)' if ckpt.official else f'weights from "{ckpt.source}"'
-    reporter.progress(f'{len(ckpt.state_dict)} tensors, {kind}' + (f'; run arguments from {run.args_origin}'
-                                                                   if run.args else ''))
+    reporter.progress(f'{checkpoint_path}: {len(ckpt.state_dict)} tensors from "{ckpt.source}"'
+                      + (' (official names converted)' if ckpt.official else '')
+                      + (f'; run arguments from {run.args_origin}' if run.args else ''))
+    if model_name is None:
+        model_name = run.args.get('model')
+        if not isinstance(model_name, str):
+            raise ExportError(f'no --model given, and no args.yaml beside {checkpoint_path} (nor the checkpoint) '
+                              f'names one: pass --model NAME, one of {", ".join(sorted(timm.list_models("gsop*")))}')
     model, kwargs = build_model_from_checkpoint(ckpt, model_name, model_kwargs, run, reporter)
-    data_config, measured = export_data_config(model, run.args, preprocessing)
+    data_config, measured = export_data_config(model, run.args, preprocessing, run.args_origin)
     if label_names is not None:
         label_names = check_label_names(label_names, model.num_classes)
     elif model.num_classes:
         label_names, origin = run_label_names(run.args, model.num_classes)
-        # Worth a warning when the run names its data but it cannot be read; expected without a run.
         named = run.args.get('data_dir') or run.args.get('data') or run.args.get('dataset')
         (reporter.progress if label_names or not named else reporter.warn)(
             f'class names {"from " if label_names else "not written: "}{origin}'
             + ('' if label_names else '; pass --label-names FILE to give them'))
     if not dataset:
-        dataset = run_dataset(run.args)
-        reporter.progress(f'training data on the card: {dataset or "not recorded"} (--dataset-name to name it)')
+        name, data_dir = str(run.args.get('dataset') or ''), str(run.args.get('data_dir') or run.args.get('data') or '')
+        dataset = f'`{name}`' if '/' in name else f'the image folder `{Path(data_dir).name}`' if data_dir else None
 
     # This model is ours to describe: the weights' licence is the publisher's (none unless given),
     # and their origin is the run, not the official code.
@@ -261,76 +274,53 @@ def export_checkpoint(
             timm.models.save_for_hf(
                 model, tmp, model_args=export_args, safe_serialization=True, data_config=data_config,
                 model_config=dict(label_names=list(label_names)) if label_names else None)
-        except OSError:
+        except (OSError, ExportError):
             raise
         except Exception as e:  # safetensors reports write failures (a full disk) as its own error
             raise ExportError(f'cannot write {tmp}: {type(e).__name__}: {e}') from e
-        reporter.progress(f'counting multiply-accumulates at {data_config["input_size"][1]}x'
-                          f'{data_config["input_size"][2]} and writing the model card')
+        _check_folder(tmp)
         card = model_card(
             model=model, model_name=model_name, model_args=json.loads((tmp / 'config.json').read_text())['model_args'],
             checkpoint=ckpt, run=run, data_config=data_config, measured_config=measured, label_names=label_names,
-            dataset=dataset, title=repo_id.split('/')[-1] if repo_id else out_dir.name, out_dir=tmp,
-            repo_id=repo_id, license=license)
+            dataset=dataset, title=repo_id.split('/')[-1] if repo_id else out_dir.name, repo_id=repo_id,
+            license=license, install=install)
         (tmp / 'README.md').write_text(card, encoding='utf-8')
-        _check_folder(tmp)
-        umask = os.umask(0)
+        umask = os.umask(0o22)
         os.umask(umask)
         tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the files are for publishing
-        for f in tmp.iterdir():
-            f.chmod(0o666 & ~umask)
         if verify:
-            reporter.progress('checking that the folder alone rebuilds the model (same logits, preprocessing)')
             _verify_reload(model, tmp, data_config, label_names)
         staged.commit()
-    reporter.progress(f'done: {out_dir}')
     return out_dir
 
 
 def push_checkpoint(
-        checkpoint: PathLike,
-        repo_id: str,
-        model_name: str,
-        model_kwargs: Optional[Dict[str, Any]] = None,
-        *,
-        private: bool = False,
-        revision: Optional[str] = None,
-        create_pr: bool = False,
-        commit_message: Optional[str] = None,
-        verbose: bool = True,
-        **export_options,
-):
-    """Export ``checkpoint`` (``export_options`` as for ``export_checkpoint``) and upload the folder to
-    the Hub model repo ``repo_id``, as timm's ``push_to_hf_hub`` does but with the checked folder.
-
-    The token comes from the usual Hugging Face login (``hf auth login``) or the ``HF_TOKEN``
-    environment variable; it is never printed. Returns huggingface_hub's ``CommitInfo``.
-    """
+        checkpoint: PathLike, repo_id: str, model_name: Optional[str] = None,
+        model_kwargs: Optional[Dict[str, Any]] = None, *, private: bool = False, revision: Optional[str] = None,
+        create_pr: bool = False, commit_message: Optional[str] = None, verbose: bool = True, **export_options):
+    """Export ``checkpoint`` (``export_options`` as for ``export_checkpoint``) and upload the folder to the Hub
+    model repo ``repo_id``, as timm's ``push_to_hf_hub`` does; the token is the usual login's (``hf auth
+    login``, ``HF_TOKEN``). Returns huggingface_hub's ``CommitInfo``."""
     from huggingface_hub import get_token
     reporter = Reporter(verbose)
-    if '/' not in repo_id or repo_id.count('/') > 1 or not all(repo_id.split('/')):
+    if repo_id.count('/') != 1 or not all(repo_id.split('/')):
         raise ExportError(f'repo id {repo_id!r} is not of the form USER/NAME or ORG/NAME')
     if not get_token():
         raise ExportError('not logged in to the Hugging Face Hub: run `hf auth login` or set HF_TOKEN')
     with tempfile.TemporaryDirectory(prefix='timm-gsop-push-') as tmp:
-        folder = export_checkpoint(
-            checkpoint, Path(tmp) / repo_id.split('/')[-1], model_name, model_kwargs,
-            repo_id=repo_id, verbose=verbose, **export_options)
+        folder = export_checkpoint(checkpoint, Path(tmp) / repo_id.split('/')[-1], model_name, model_kwargs,
+                                   repo_id=repo_id, verbose=verbose, **export_options)
         config = json.loads((folder / 'config.json').read_text())
         args = config.get('model_args', {})
         message = commit_message or (
-            f'Add {model_name} weights (attn_mode={args.get("attn_mode")}, attn_dim={args.get("attn_dim")}, '
-            f'num_classes={config.get("num_classes")})')
+            f'Add {config["architecture"]} weights (attn_mode={args.get("attn_mode")}, '
+            f'attn_dim={args.get("attn_dim")}, num_classes={config.get("num_classes")})')
         api = HfApi()
-        reporter.progress(f'creating (or reusing) the model repo {repo_id}' + (' (private)' if private else ''))
-        repo_url = api.create_repo(repo_id, repo_type='model', private=private, exist_ok=True)
-        repo_id = getattr(repo_url, 'repo_id', None) or repo_id
+        repo_id = getattr(api.create_repo(repo_id, repo_type='model', private=private, exist_ok=True), 'repo_id',
+                          None) or repo_id
         if revision and revision != 'main':
             api.create_branch(repo_id, branch=revision, repo_type='model', exist_ok=True)
-        reporter.progress(f'uploading {", ".join(sorted(p.name for p in folder.iterdir()))} to {repo_id}'
-                          + (f'@{revision}' if revision else '') + (' as a pull request' if create_pr else ''))
-        info = api.upload_folder(
-            repo_id=repo_id, folder_path=str(folder), repo_type='model', revision=revision,
-            create_pr=create_pr, commit_message=message)
-    reporter.progress('uploaded')
+        reporter.progress(f'uploading to {repo_id}' + (f'@{revision}' if revision else ''))
+        info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type='model', revision=revision,
+                                 create_pr=create_pr, commit_message=message, ignore_patterns=[MANIFEST])
     return info

@@ -1,223 +1,186 @@
 """An export folder that appears whole or not at all, and never costs anyone a file.
 
-The folder is written under a hidden sibling name, ``.NAME.partial-XXXXXXXX``, and put in place by
-one atomic rename at the end:
+The export is written into a fresh hidden folder beside OUT_DIR, ``.NAME.partial-XXXXXXXX``, then put
+in place by renames, so that the operating system decides every race:
 
-* Without ``force`` the rename never replaces anything (Linux ``renameat2(RENAME_NOREPLACE)``): if
-  something appeared at NAME while the export ran, the export fails and leaves it alone, so of two
-  concurrent exports to one NAME exactly one succeeds.
-* With ``force`` only a previous export (a folder of export files, nothing else) can be replaced,
-  and only the very folder that was there when the export began: the new and old folders swap in
-  one step (``RENAME_EXCHANGE``), so NAME never goes missing, then the old one is deleted.
-* Each export holds an advisory lock on its partial folder. A partial folder nobody holds was left
-  by an export that was killed: the next export to NAME deletes it if it holds export files only,
-  and reports it otherwise.
-
-Where ``renameat2`` is missing (not Linux, or a file system without it) a check and a plain rename
-do the same under a lock that cooperating exports share. Without ``fcntl`` (Windows) leftovers are
-only reported.
+* Create-only: ``os.mkdir(OUT_DIR)`` claims the name (it fails if anything is there, an empty folder
+  included), then ``os.rename`` swaps the finished folder onto that empty folder of our own; it fails,
+  leaving everything, if a file was put into it meanwhile. Of two exports to one OUT_DIR one wins.
+* ``force`` replaces an unchanged previous export only: the folder found at the start, holding just
+  the files its ``MANIFEST`` lists, with the hashes listed there. Right before the swap it is renamed
+  aside and checked again (a file added or edited up to then: it is put back and the export fails);
+  after the swap its listed files are deleted, nothing else.
+* Each export holds a ``flock`` on its partial folder. The next export to NAME deletes a partial folder
+  nobody holds if it holds export files only, and reports anything else (without ``fcntl``: reports).
 """
-import ctypes
-import errno
+import hashlib
+import json
 import os
 import shutil
 import tempfile
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence, Tuple
-
-from .messages import ExportError
+from typing import Callable, Optional
 
 try:
     import fcntl
 except ImportError:  # Windows
     fcntl = None
 
-__all__ = ['ALLOWED_FILES', 'StagedFolder']
+from .run import ExportError
 
-#: Everything an exported folder may hold; anything else (a pickle above all) is an error.
-ALLOWED_FILES = ('model.safetensors', 'config.json', 'README.md', 'training_curves.png')
+__all__ = ['ALLOWED_FILES', 'MANIFEST', 'StagedFolder']
 
-_RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
-_AT_FDCWD = -100
+MANIFEST = '.timm-gsop-export.json'
+#: Everything an export folder may hold; anything else (a pickle above all) is an error.
+ALLOWED_FILES = ('model.safetensors', 'config.json', 'README.md', MANIFEST)
 
 
-def _renameat2(src: Path, dst: Path, flags: int) -> bool:
-    """``renameat2(src, dst, flags)``; False where the system has no such call or flag."""
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for chunk in iter(lambda: f.read(1 << 20), b''):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def export_problem(folder: Path) -> Optional[str]:
+    """None for an unchanged previous export; else what it is instead."""
+    if folder.is_symlink() or not folder.is_dir():
+        return 'is not a folder'
     try:
-        fn = ctypes.CDLL(None, use_errno=True).renameat2
-    except (AttributeError, OSError):
-        return False
-    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    if fn(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), flags) == 0:
+        files = json.loads((folder / MANIFEST).read_text())['files']
+        others = sorted({p.name for p in folder.iterdir()} - set(files) - {MANIFEST})
+    except (OSError, ValueError, KeyError, TypeError):
+        return f'is not a timm-gsop export (no readable {MANIFEST})'
+    if others:
+        return f'holds files an export does not write ({", ".join(others[:5])})'
+    changed = [n for n, digest in files.items() if not (folder / n).is_file() or _sha256(folder / n) != digest]
+    return f'holds export files changed since the export ({", ".join(changed)})' if changed else None
+
+
+def _remove_export_files(folder: Path) -> bool:
+    """Delete the files an export writes, then the folder; False if anything else keeps it."""
+    for name in ALLOWED_FILES:
+        (folder / name).unlink(missing_ok=True)
+    try:
+        folder.rmdir()
         return True
-    err = ctypes.get_errno()
-    if err in (errno.ENOSYS, errno.EINVAL):  # EINVAL: the file system does not support the flag
+    except OSError:
         return False
-    raise OSError(err, os.strerror(err), str(dst))
 
 
-def _identity(path: Path) -> Optional[Tuple[int, int]]:
-    try:
-        st = path.lstat()
-    except FileNotFoundError:
-        return None
-    return st.st_dev, st.st_ino
-
-
-def _is_export(path: Path) -> bool:
-    """A real folder holding export files only (what an export may replace or clean up)."""
-    if path.is_symlink() or not path.is_dir():
-        return False
-    return all(p.name in ALLOWED_FILES and p.is_file() and not p.is_symlink() for p in path.iterdir())
-
-
-def _try_lock(path: Path) -> Optional[int]:
-    """An open descriptor holding an exclusive lock on the folder ``path``, or None if another process holds it."""
+def _lock(path: Path, blocking: bool = False) -> Optional[int]:
+    """A descriptor holding an exclusive flock on ``path``; None if another process holds one."""
     fd = os.open(path, os.O_RDONLY)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        return fd
     except BlockingIOError:
         os.close(fd)
         return None
-    return fd
 
 
-@contextmanager
-def _exports_locked(parent: Path) -> Iterator[None]:
-    """Serialises the short steps of exports into one parent folder (scan, create, final rename)."""
-    if fcntl is None:
-        yield
-        return
-    fd = os.open(parent, os.O_RDONLY)
+def _rename_create_only(src: Path, dst: Path) -> None:
+    """Rename the folder ``src`` to ``dst`` if nothing, not even an empty folder, is at ``dst``."""
+    os.mkdir(dst)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
+        os.rename(src, dst)  # onto our own empty folder; fails if something was put into it
+    except OSError:
+        if not any(dst.iterdir()):
+            dst.rmdir()
+        raise
 
 
 class StagedFolder:
     """``with StagedFolder(out_dir, force) as tmp: write into tmp ...; staged.commit()``.
 
-    The checks of ``out_dir`` happen at construction (before any work); leaving the block without
-    ``commit()`` deletes the partial folder, and only it.
+    ``out_dir`` is checked at construction, before any work; leaving the block without ``commit()``
+    deletes the partial folder.
     """
 
-    def __init__(self, out_dir: Path, force: bool = False, keep: Sequence[Path] = (),
-                 report: Callable[[str], None] = lambda msg: None):
-        self.out_dir = Path(out_dir)
-        self.parent, self.name = self.out_dir.parent, self.out_dir.name
-        self.report = report
-        self.path: Optional[Path] = None
-        self._fd: Optional[int] = None
-        self._committed = False
-        self._replaces = _identity(self.out_dir)  # what --force may replace: the folder there now, if any
-        if self._replaces is None:
+    def __init__(self, out_dir: Path, force: bool = False, report: Callable[[str], None] = print):
+        self.out_dir, self.report, self.name = Path(out_dir), report, Path(out_dir).name
+        self.path, self._fd, self._replaces = None, None, None
+        if not os.path.lexists(self.out_dir):
             return
         if not force:
             raise ExportError(f'{self.out_dir} already exists; use --force to replace a previous export')
-        if self.out_dir.is_symlink() or not self.out_dir.is_dir():
-            raise ExportError(f'{self.out_dir} exists and is not a folder; not replacing it')
-        resolved = self.out_dir.resolve()
-        if any(resolved == k.resolve() or resolved in k.resolve().parents for k in keep):
-            raise ExportError(f'{self.out_dir} holds the checkpoint; export to another folder')
-        if not _is_export(self.out_dir):
-            others = sorted(p.name for p in self.out_dir.iterdir() if p.name not in ALLOWED_FILES or not p.is_file())
-            raise ExportError(
-                f'{self.out_dir} holds files an export does not write ({", ".join(others[:5])}'
-                f'{", ..." if len(others) > 5 else ""}); --force replaces previous exports only. '
-                f'Move those files away or export to another folder.')
+        problem = export_problem(self.out_dir)
+        if problem:
+            raise ExportError(f'{self.out_dir} {problem}; --force replaces an unchanged previous export only. '
+                              f'Move it away or export to another folder.')
+        self._replaces = os.lstat(self.out_dir).st_ino
 
     def __enter__(self) -> Path:
-        self.parent.mkdir(parents=True, exist_ok=True)
-        with _exports_locked(self.parent):
-            self._clean_stale()
-            self.path = Path(tempfile.mkdtemp(prefix=f'.{self.name}.partial-', dir=self.parent))
-            if fcntl is not None:
-                self._fd = _try_lock(self.path)
+        parent = self.out_dir.parent
+        parent.mkdir(parents=True, exist_ok=True)
+        # Cooperating exports scan for stale folders and make (and lock) their own as one step, so that
+        # none takes another's new, not yet locked folder for a stale one.
+        parent_fd = _lock(parent, blocking=True) if fcntl else None
+        try:
+            for entry in sorted(parent.iterdir()):
+                if entry.name.startswith((f'.{self.name}.partial-', f'.{self.name}.replaced-')):
+                    self._clean_stale(entry)
+            self.path = Path(tempfile.mkdtemp(prefix=f'.{self.name}.partial-', dir=parent))
+            self._fd = _lock(self.path) if fcntl else None
+        finally:
+            if parent_fd is not None:
+                os.close(parent_fd)
         return self.path
 
     def __exit__(self, *exc) -> None:
-        try:
-            if not self._committed and self.path is not None:
-                shutil.rmtree(self.path, ignore_errors=True)
-        finally:
-            if self._fd is not None:
-                os.close(self._fd)
-                self._fd = None
+        if self.path.exists():
+            shutil.rmtree(self.path, ignore_errors=True)  # our own folder, not put in place
+        if self._fd is not None:
+            os.close(self._fd)
 
-    def _clean_stale(self) -> None:
-        """Delete the partial folders of killed exports to this name (export files only); report the rest."""
-        prefix = f'.{self.name}.partial-'
-        for entry in sorted(self.parent.iterdir()):
-            if not entry.name.startswith((prefix, f'.{self.name}.replaced-')) or entry.is_symlink():
-                continue
-            if entry.name.startswith(prefix) and entry.is_dir() and fcntl is not None:
-                fd = _try_lock(entry)
-                if fd is None:
-                    self.report(f'another export to {self.out_dir} is running ({entry.name} is in use)')
-                    continue
-                try:
-                    if _is_export(entry):
-                        shutil.rmtree(entry)
-                        self.report(f'removed {entry}, the partial folder of an export that was interrupted')
-                        continue
-                finally:
-                    os.close(fd)
-            self.report(f'left {entry} alone: an interrupted export left it, but it holds other files or '
-                        f'an earlier {self.name}; look inside, then delete it or move it back')
+    def _clean_stale(self, entry: Path) -> None:
+        partial = entry.name.startswith(f'.{self.name}.partial-') and entry.is_dir() and not entry.is_symlink()
+        fd = _lock(entry) if partial and fcntl else None
+        if fd is None:
+            self.report(f'another export to {self.out_dir} is running ({entry.name} is in use)' if partial and fcntl
+                        else f'left {entry} alone: an interrupted export left it; look inside, then delete it')
+            return
+        try:
+            self.report(f'removed {entry}, the partial folder of an export that was interrupted'
+                        if _remove_export_files(entry) else f'left {entry} alone: it holds other files')
+        finally:
+            os.close(fd)
 
     def commit(self) -> None:
-        """Put the folder at ``out_dir`` (see the module docstring); ExportError if that is no longer safe."""
-        with _exports_locked(self.parent):
-            if self._replaces is None:
-                self._rename_into_place()
-                old = None
-            else:
-                old = self._exchange_with_previous()
-            self._committed = True
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-            if old.exists():
-                self.report(f'could not delete the previous export, now at {old}')
-
-    def _rename_into_place(self) -> None:
-        appeared = ExportError(
-            f'{self.out_dir} appeared while this export ran (another export, or another program); it was left '
-            f'as it is and nothing was written. Export again to another folder, or with --force to replace '
-            f'a previous export.')
+        """Put the folder at ``out_dir``; ExportError (and nothing touched) if that is no longer safe."""
+        files = {p.name: _sha256(p) for p in sorted(self.path.iterdir())}
+        (self.path / MANIFEST).write_text(json.dumps({'files': files}, indent=1))
+        aside = self._set_aside_previous() if self._replaces is not None else None
         try:
-            if not _renameat2(self.path, self.out_dir, _RENAME_NOREPLACE):
-                if os.path.lexists(self.out_dir):
-                    raise appeared
-                os.rename(self.path, self.out_dir)
+            _rename_create_only(self.path, self.out_dir)
         except OSError as e:
-            if e.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
-                raise appeared from e
-            raise
+            self._restore(aside)
+            raise ExportError(f'{self.out_dir} {"appeared" if isinstance(e, FileExistsError) else "changed"} while '
+                              f'this export ran (another export, or another program); it was left as it is and '
+                              f'nothing was written.') from None
+        if aside is not None and not (_remove_export_files(aside) and _remove_export_files(aside.parent)):
+            self.report(f'could not delete all of the previous export, now at {aside}')
 
-    def _exchange_with_previous(self) -> Path:
-        """Swap the new folder in; returns where the previous one now is."""
-        changed = ExportError(
-            f'{self.out_dir} changed while this export ran (replaced or removed by another export or program); '
-            f'it was left as it is and nothing was written.')
-        if _identity(self.out_dir) != self._replaces:
+    def _set_aside_previous(self) -> Path:
+        """Rename the previous export into a hidden folder and check it again there; returns its new path."""
+        changed = ExportError(f'{self.out_dir} changed while this export ran (replaced or removed by another '
+                              f'export or program); it was left as it is and nothing was written.')
+        if not os.path.lexists(self.out_dir) or os.lstat(self.out_dir).st_ino != self._replaces:
             raise changed
-        if _renameat2(self.path, self.out_dir, _RENAME_EXCHANGE):
-            if _identity(self.path) != self._replaces:  # replaced in the instant between check and swap
-                _renameat2(self.path, self.out_dir, _RENAME_EXCHANGE)
-                raise changed
-            return self.path
-        # No atomic exchange here: move the previous folder aside (reported, never deleted, if a
-        # kill comes between the two renames), then rename the new one into place.
-        aside = Path(tempfile.mkdtemp(prefix=f'.{self.name}.replaced-', dir=self.parent))
-        os.rename(self.out_dir, aside / self.name)
-        try:
-            os.rename(self.path, self.out_dir)
-        except OSError:
-            os.rename(aside / self.name, self.out_dir)
-            os.rmdir(aside)
-            raise
+        aside = Path(tempfile.mkdtemp(prefix=f'.{self.name}.replaced-', dir=self.out_dir.parent)) / self.name
+        os.rename(self.out_dir, aside)
+        problem = export_problem(aside)
+        if problem:
+            self._restore(aside)
+            raise ExportError(f'{self.out_dir} {problem} (changed while this export ran); it was left as it is '
+                              f'and nothing was written.')
         return aside
 
+    def _restore(self, aside: Optional[Path]) -> None:
+        try:
+            if aside is not None:
+                _rename_create_only(aside, self.out_dir)
+                aside.parent.rmdir()
+        except OSError:
+            self.report(f'the previous export is at {aside}: move it back to {self.out_dir}')
