@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from timm.layers import (
-    DropPath, LayerType, create_classifier, get_act_layer, get_device_dtype, get_norm_layer, register_notrace_function)
+    DropPath, LayerType, create_classifier, get_device_dtype, register_notrace_function)
 from timm.models import checkpoint_seq
 from timm.models._features import feature_take_indices
 
