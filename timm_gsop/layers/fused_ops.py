@@ -24,7 +24,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.library import triton_op
 
-__all__ = ['relu_reduce', 'batch_norm_stats_', 'bn_relu_cov', 'gate_product']
+from .gate_ops import _mark_owned
+
+__all__ = ['relu_reduce', 'join_reduction', 'batch_norm_stats_', 'bn_relu_cov', 'gate_product']
 
 # Triton reads TRITON_INTERPRET when its kernels are defined: the CPU runs them only if it was set before.
 _INTERPRET = os.environ.get('TRITON_INTERPRET', '0') == '1'
@@ -62,28 +64,23 @@ def _relu_reduce(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: int)
                     None if bias is None else bias.to(x.dtype))
 
 
-@triton_op('timm_gsop::relu_reduce_backward', mutates_args=())
-def _relu_reduce_backward(grad_y: Tensor, x: Tensor, weight: Tensor, stride: int) -> Tuple[Tensor, Tensor, Tensor]:
-    """(grad_x, grad_weight, grad_bias): the data gradient masked by x > 0 at the strided pixels (zero elsewhere),
-    and the weight's and bias's gradients accumulated in float32, in the weight's dtype."""
+@triton_op('timm_gsop::relu_reduce_backward_', mutates_args=('grad_x',))
+def _relu_reduce_backward_(grad_x: Tensor, grad_y: Tensor, x: Tensor, weight: Tensor,
+                           stride: int) -> Tuple[Tensor, Tensor]:
+    """Adds the data gradient, masked by x > 0, into ``grad_x`` at the strided pixels; returns the weight's and
+    the bias's gradients, accumulated in float32, in the weight's dtype."""
     kernels = _kernels('triton_relu_reduce', x)
     if kernels is not None:
-        grad_x = torch.zeros_like(x)
         grad_w, grad_b = kernels.relu_reduce_bwd_(grad_x, grad_y, x, weight.flatten(1), stride)
-        return grad_x, grad_w.view_as(weight).to(weight.dtype), grad_b.to(weight.dtype)
+        return grad_w.view_as(weight).to(weight.dtype), grad_b.to(weight.dtype)
     s = stride
     acc = _acc_dtype(x)
     xs = x[:, :, ::s, ::s]
     g = grad_y.to(acc)
-    w = weight.flatten(1).to(acc)
     grad_w = torch.einsum('bdhw,bchw->dc', g, F.relu(xs).to(acc))
-    grad_xs = torch.einsum('bdhw,dc->bchw', g, w).mul_(xs > 0).to(x.dtype)
-    if s == 1:
-        grad_x = grad_xs
-    else:
-        grad_x = torch.zeros_like(x)
-        grad_x[:, :, ::s, ::s] = grad_xs
-    return grad_x, grad_w.view_as(weight).to(weight.dtype), g.sum((0, 2, 3)).to(weight.dtype)
+    grad_xs = torch.einsum('bdhw,dc->bchw', g, weight.flatten(1).to(acc)).mul_(xs > 0)
+    grad_x[:, :, ::s, ::s] += grad_xs.to(grad_x.dtype)
+    return grad_w.view_as(weight).to(weight.dtype), g.sum((0, 2, 3)).to(weight.dtype)
 
 
 def _relu_reduce_setup(ctx, inputs, output) -> None:
@@ -95,15 +92,89 @@ def _relu_reduce_setup(ctx, inputs, output) -> None:
 
 def _relu_reduce_bwd(ctx, grad_y: Tensor):
     x, weight = ctx.saved_tensors
-    grad_x, grad_w, grad_b = torch.ops.timm_gsop.relu_reduce_backward(grad_y, x, weight, ctx.stride)
+    grad_x = torch.zeros_like(x)
+    grad_w, grad_b = torch.ops.timm_gsop.relu_reduce_backward_(grad_x, grad_y, x, weight, ctx.stride)
     return grad_x, grad_w, grad_b if ctx.has_bias else None, None
 
 
 _relu_reduce.register_autograd(_relu_reduce_bwd, setup_context=_relu_reduce_setup)
 
 
+class _ReductionLink:
+    """What the reduction's backward leaves for ``_JoinReduction``'s: the gradient of the reduced map."""
+    __slots__ = ('grad_y', 'stride')
+
+    def __init__(self, stride: int):
+        self.grad_y: Optional[Tensor] = None
+        self.stride = stride
+
+
+_LINK = '_gsop_reduction_link'
+
+
+class _JoinReduction(torch.autograd.Function):
+    """``x`` itself, for a GSoP block to scale and reduce; its backward adds the reduction's data gradient into
+    the map's gradient in place (one read-modify-write of the map, no full-size gradient of its own and no sum of
+    two), with the weight's gradient from the same pass.
+
+    The reduction (``_DeferredReluReduce``) leaves its incoming gradient on the link; autograd runs this backward
+    after it, as the reduction reads this output. The map's gradient is updated in place only where it is the gate
+    product's own (marked by its backward), else added out of place.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor], link: _ReductionLink) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.link = link
+        ctx.has_bias = bias is not None
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Optional[Tensor]):
+        from .gate_ops import _take_owned
+        x, weight = ctx.saved_tensors
+        link = ctx.link
+        if link.grad_y is None:  # the reduction took no part in the loss
+            return grad, None, None, None
+        if grad is None:
+            grad = torch.zeros_like(x)
+        elif not _take_owned(grad):
+            grad = grad.clone(memory_format=torch.preserve_format)
+        grad_w, grad_b = torch.ops.timm_gsop.relu_reduce_backward_(grad, link.grad_y, x, weight, link.stride)
+        link.grad_y = None
+        return grad, grad_w, grad_b if ctx.has_bias else None, None
+
+
+class _DeferredReluReduce(torch.autograd.Function):
+    """``relu_reduce`` of the map ``_JoinReduction`` made: its backward hands the gradient on to that one's."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: int, link: _ReductionLink) -> Tensor:
+        ctx.link = link
+        return torch.ops.timm_gsop.relu_reduce(x, weight, bias, stride)
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor):
+        ctx.link.grad_y = grad_y
+        return None, None, None, None, None
+
+
+def join_reduction(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: int) -> Tensor:
+    """``x``, marked so that ``relu_reduce`` of it adds its data gradient into the gradient of the returned map in
+    place (eager autograd without ``create_graph``; elsewhere ``x`` itself and the plain ops)."""
+    if not torch.is_grad_enabled() or torch.compiler.is_compiling() or not x.requires_grad:
+        return x
+    link = _ReductionLink(stride)
+    out = _JoinReduction.apply(x, weight, bias, link)
+    setattr(out, _LINK, link)
+    return out
+
+
 def relu_reduce(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: int) -> Tensor:
     """``conv2d(relu(x[:, :, ::stride, ::stride]), weight, bias)`` for a 1x1 ``weight``, reading ``x`` once."""
+    link = getattr(x, _LINK, None)
+    if link is not None and link.stride == stride and torch.is_grad_enabled():
+        return _DeferredReluReduce.apply(x, weight, bias, stride, link)
     return torch.ops.timm_gsop.relu_reduce(x, weight, bias, stride)
 
 
@@ -258,6 +329,7 @@ def _gate_product_bwd(ctx, grad: Tensor):
     x, gate, out = ctx.saved_tensors
     grad_x, grad_gate, grad_sc = torch.ops.timm_gsop.gate_product_backward(
         grad, x, gate, out if ctx.relu else x, ctx.relu)
+    _mark_owned(grad_x)
     if not ctx.has_shortcut:
         grad_sc = None
     elif not ctx.relu:

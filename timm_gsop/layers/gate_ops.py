@@ -13,8 +13,22 @@ from timm.layers import register_notrace_function
 
 __all__ = ['scale_add']
 
-# Marks a gradient that _ScaleAdd's backward made and nothing else holds, so _ReluCopy may add into it in place.
+# Marks a gradient that a gate product's backward made and nothing else holds, so the backward of the map's other
+# use may add into it in place.
 _OWNED = '_gsop_owned_grad'
+
+
+def _mark_owned(grad: Tensor) -> None:
+    if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        setattr(grad, _OWNED, True)
+
+
+def _take_owned(grad: Tensor) -> bool:
+    """Whether ``grad`` is a gate product's own gradient (then unmarked: it is about to be used)."""
+    owned = getattr(grad, _OWNED, False)
+    if owned:
+        delattr(grad, _OWNED)
+    return owned
 
 
 class _ReluCopy(torch.autograd.Function):
@@ -41,9 +55,7 @@ class _ReluCopy(torch.autograd.Function):
     def backward(ctx, grad_x: Tensor, grad_rectified: Tensor):
         rectified, = ctx.saved_tensors
         s = ctx.stride
-        owned = getattr(grad_x, _OWNED, False)
-        if owned:
-            delattr(grad_x, _OWNED)
+        owned = _take_owned(grad_x)
         if torch.is_grad_enabled() or not owned:  # out of place (and differentiable under create_graph)
             grad_x = grad_x.clone(memory_format=torch.preserve_format)
             grad_x[:, :, ::s, ::s] += grad_rectified * (rectified > 0)
@@ -87,8 +99,7 @@ class _ScaleAdd(torch.autograd.Function):
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = grad * gate
-            if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
-                setattr(grad_x, _OWNED, True)
+            _mark_owned(grad_x)
         grad_gate = None
         if ctx.needs_input_grad[1]:
             if grad.dtype == x.dtype and grad.is_contiguous() and x.is_contiguous():

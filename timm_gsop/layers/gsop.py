@@ -16,7 +16,7 @@ from timm.layers import LayerType, create_act_layer, get_norm_layer, register_no
 from ._checks import check_positive_int
 from .config import use_fused_gsop
 from .covariance import covariance, no_autocast, position_covariance
-from .fused_ops import batch_norm_stats_, bn_relu_cov, gate_product, relu_reduce
+from .fused_ops import batch_norm_stats_, bn_relu_cov, gate_product, join_reduction, relu_reduce
 from .gate_ops import _relu_copy, scale_add
 
 __all__ = [
@@ -299,6 +299,8 @@ class GSoPAttn(nn.Module):
         if self.position_gate is None:
             assert self.channel_gate is not None
             if not torch.jit.is_scripting() and self.channel_gate.fusable():
+                conv = self.channel_gate.conv_reduce
+                x = join_reduction(x, conv.weight, conv.bias, s)  # the reduction's gradient joins the product's
                 return gate_product(x, self.channel_gate(x, s), shortcut, relu)
             x, rectified = _relu_copy(x, s)
             out = scale_add(x, self.channel_gate(rectified), shortcut)

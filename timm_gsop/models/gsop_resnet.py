@@ -74,6 +74,8 @@ class GSoPBottleneck(nn.Module):
         if self.downsample is not None:
             shortcut = self.downsample(shortcut)
         if self.attn is not None and self.drop_path is None:
+            if isinstance(self.act3, nn.ReLU):  # the attention layer's one pass ends in the block's ReLU
+                return self.attn(x, shortcut, True)
             x = self.attn(x, shortcut)
         else:
             if self.attn is not None:
