@@ -15,7 +15,7 @@ from timm.layers import LayerType, create_act_layer, get_norm_layer, register_no
 
 from ._checks import check_positive_int
 from .config import use_fused_gsop
-from .covariance import covariance, no_autocast, position_covariance
+from .covariance import autocast_off, covariance, position_covariance
 from .fused_ops import batch_norm_stats_, bn_relu_cov, gate_product, join_reduction, relu_reduce
 from .gate_ops import _relu_copy, scale_add
 
@@ -146,11 +146,13 @@ class GSoPChannelGate(nn.Module):
             attn_dim, 4 * attn_dim, kernel_size=(attn_dim, 1), groups=attn_dim, bias=True, **dd)
         self.fc = nn.Conv2d(4 * attn_dim, channels, kernel_size=1, bias=True, **dd)
 
+    @torch.jit.unused
     def fusable(self) -> bool:
         """Whether ``forward(x, relu_stride)`` runs the fused ops (built fused, its parts not swapped since)."""
         return (self.fused and isinstance(self.conv_reduce, ReluConv2d) and type(self.bn_reduce) is BatchNormReluCov2d
                 and self.bn_reduce.fusable() and type(self.act) is nn.ReLU and not torch.onnx.is_in_onnx_export())
 
+    @autocast_off
     def _gate(self, x: Tensor, dtype: torch.dtype) -> Tensor:
         x = x.to(self.row_conv.weight.dtype).unsqueeze(-1)  # (B, d, d, 1): a row per channel
         x = self.fc(self.row_conv(self.row_bn(x)))  # (B, C, 1, 1)
@@ -159,16 +161,13 @@ class GSoPChannelGate(nn.Module):
     def forward(self, x: Tensor, relu_stride: Optional[int] = None) -> Tensor:
         """The gate of the ReLU copy ``x`` or, with ``relu_stride`` (fused path), of the map ``x`` itself."""
         dtype = x.dtype
-        if relu_stride is not None and self.fusable():
+        if relu_stride is not None and not torch.jit.is_scripting() and self.fusable():
             x = self.bn_reduce(self.conv_reduce(x, relu_stride), True)
         else:
             if relu_stride is not None:
                 x = F.relu(x[:, :, ::relu_stride, ::relu_stride])
             x = covariance(self.act(self.bn_reduce(self.conv_reduce(x))))
-        if torch.jit.is_scripting():
-            return self._gate(x, dtype)
-        with no_autocast(x):
-            return self._gate(x, dtype)
+        return self._gate(x, dtype)
 
 
 @register_notrace_module  # fx keeps the gate whole, so its float32 part stays free of autocast
@@ -204,6 +203,7 @@ class GSoPPositionGate(nn.Module):
         self.act = create_act_layer(act_layer, inplace=True)
         self.fc = nn.Conv2d(4 * num_pos, num_pos, kernel_size=1, bias=True, **dd)
 
+    @autocast_off
     def _gate(self, x: Tensor, dtype: torch.dtype) -> Tensor:
         x = position_covariance(x).to(self.row_conv.weight.dtype).unsqueeze(-1)  # (B, P, P, 1)
         x = self.fc(self.act(self.row_conv(self.row_bn(x))))  # (B, P, 1, 1)
@@ -214,12 +214,7 @@ class GSoPPositionGate(nn.Module):
         dtype = x.dtype
         x = self.bn_reduce(self.conv_reduce(x))  # no activation here in the official block
         x = F.adaptive_avg_pool2d(x, self.pool_size)
-        if torch.jit.is_scripting():
-            gate = self._gate(x, dtype)
-        else:
-            with no_autocast(x):
-                gate = self._gate(x, dtype)
-        return F.adaptive_avg_pool2d(gate, out_size)
+        return F.adaptive_avg_pool2d(self._gate(x, dtype), out_size)
 
 
 def _concat_fuse_kernel(channels: int) -> Tuple[int, int, int]:
