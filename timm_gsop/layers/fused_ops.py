@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.library import triton_op
+from timm.layers import register_notrace_function
 
 from .gate_ops import _mark_owned
 
@@ -159,6 +160,7 @@ class _DeferredReluReduce(torch.autograd.Function):
         return None, None, None, None, None
 
 
+@register_notrace_function  # fx: a call in the graph, its checks at run time
 def join_reduction(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: int) -> Tensor:
     """``x``, marked so that ``relu_reduce`` of it adds its data gradient into the gradient of the returned map in
     place (eager autograd without ``create_graph``; elsewhere ``x`` itself and the plain ops)."""
@@ -340,6 +342,7 @@ def _gate_product_bwd(ctx, grad: Tensor):
 _gate_product.register_autograd(_gate_product_bwd, setup_context=_gate_product_setup)
 
 
+@register_notrace_function
 def gate_product(x: Tensor, gate: Tensor, shortcut: Optional[Tensor] = None, relu: bool = False) -> Tensor:
     """``x * gate + shortcut`` (or ``x * gate``) for a (B, C, 1, 1) gate, and its ReLU if ``relu``: one pass."""
     return torch.ops.timm_gsop.gate_product(x, gate, shortcut, relu)
