@@ -161,7 +161,7 @@ def naive_gate_from_reduced(g, z: Tensor) -> Tensor:
 
 def ours_gate_from_reduced(g, z: Tensor) -> Tensor:
     """The same with our pieces (what GSoPChannelGate.forward runs after its reduction conv)."""
-    return g._gate(z, z.dtype)
+    return g._gate(covariance(z), z.dtype)
 
 
 def naive_head_ops(z: Tensor, num_iter: int = 3) -> Tensor:

@@ -3,9 +3,11 @@
 #   1. tests/test_cuda.py: CUDA equals CPU (float64 to 1e-10; float32 within 10x the plain backbone's
 #      difference), a bf16 autocast + channels_last training step, float32 second-order maths under
 #      autocast, no host synchronisation in forward or backward, the compiled block equal to eager;
+#      the fused GSoP ops (Triton) against the eager ones, the gate kernel at odd sizes, the fused block compiled;
 #   2. eager timings, batch 128, bf16 autocast, channels_last: GSoP-Net1/Net2 (ResNet-50) over their
-#      backbones, timm's resnet50 family and, with a checkout of the official code, the official nets;
-#   3. torch.compile'd timings of GSoP-Net1 and its backbone.
+#      backbones, with the eager and the fused GSoP ops, timm's resnet50 family and, with a checkout of the
+#      official code, the official nets;
+#   3. torch.compile'd timings of GSoP-Net1 (eager and fused GSoP ops) and its backbone.
 # Tables go to $OUT (default gpu-results/); each step has a time limit so that a slow one cannot take the rest.
 #
 # Optional inputs, in the repository root (both folders are git-ignored); prepare them where there is network
@@ -32,9 +34,9 @@ official=()
 status=0
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt" || status=1
 python3 -c 'import torch, timm, timm_gsop; print("torch", torch.__version__, "timm", timm.__version__)' | tee -a "$out/gpu.txt"
-timeout 170 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$out/test_cuda.txt" || status=1
-timeout 120 python3 benchmarks/bench_models.py --no-compile --depths 50 --reps 10 "${official[@]}" \
+timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$out/test_cuda.txt" || status=1
+timeout 140 python3 benchmarks/bench_models.py --no-compile --depths 50 --reps 8 --fused "${official[@]}" \
   --out "$out/models_eager.md" || status=1
-timeout 190 python3 benchmarks/bench_models.py --compile --depths 50 --nets 1 --no-timm --no-memory --reps 10 \
+timeout 210 python3 benchmarks/bench_models.py --compile --depths 50 --nets 1 --no-timm --no-memory --reps 8 --fused \
   --out "$out/models_compiled.md" || status=1
 exit "$status"

@@ -37,6 +37,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils._pytree import tree_flatten  # noqa: E402
 
 from _common import create, markdown_table, write_atomic  # noqa: E402
+from timm_gsop.layers import use_fused_gsop  # noqa: E402
 
 #: Ops that move no data: views, reshapes of a view and allocations.
 FREE = frozenset({
@@ -49,6 +50,12 @@ FREE = frozenset({
 TARGETS = {
     ('gsop_resnet50', False): (0.07, 60), ('gsop_resnet50', True): (0.12, 160),
     ('gsop2_resnet50', False): (0.05, 45), ('gsop2_resnet50', True): (0.09, 120),
+}
+#: The same with the fused GSoP ops (``TIMM_GSOP_FUSED=1``; each fused op counts as one op reading its inputs and
+#: writing its outputs once, what its kernel moves).
+FUSED_TARGETS = {
+    ('gsop_resnet50', False): (0.03, 32), ('gsop_resnet50', True): (0.06, 100),
+    ('gsop2_resnet50', False): (0.025, 24), ('gsop2_resnet50', True): (0.05, 75),
 }
 
 
@@ -139,7 +146,8 @@ def main(argv=None) -> int:
             step = 'train' if train else 'infer'
             b, ops, by_op = count_at_batch(lambda: create(name, model_kwargs), train, args.batch, **kwargs)
             pb, pops, base_by_op = count_at_batch(lambda: create(base_name, base_kwargs), train, args.batch, **kwargs)
-            target = TARGETS.get((name, train)) if not model_kwargs else None
+            targets = FUSED_TARGETS if use_fused_gsop() else TARGETS
+            target = targets.get((name, train)) if not model_kwargs else None
             added, added_ops = b / pb - 1, ops - pops
             result = ''
             if target and args.batch == 128 and args.amp and args.channels_last:

@@ -141,3 +141,73 @@ def test_compiled_block_equals_eager_on_cuda(mode):
         out_compiled.square().sum().backward()
     torch.testing.assert_close(out_compiled, out_eager, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(xs[1].grad, xs[0].grad, rtol=1e-3, atol=1e-3 * xs[0].grad.abs().max().item())
+
+
+def _build(name, fused, **kwargs):
+    from timm_gsop.layers import set_fused_gsop, use_fused_gsop
+    saved = use_fused_gsop()
+    set_fused_gsop(fused)
+    try:
+        torch.manual_seed(0)
+        return timm.create_model(name, num_classes=10, **kwargs)
+    finally:
+        set_fused_gsop(saved)
+
+
+@pytest.mark.parametrize('name', MODELS)
+def test_fused_ops_equal_eager_ops_on_cuda(name):
+    # The Triton kernels (those present) against the eager ops, both on CUDA: float32 logits and gradients within
+    # 2e-3 of the largest value; then the GPU recipe (bf16 autocast, channels_last) within 5 % of each other.
+    models = [_build(name, fused).to(DEVICE).train() for fused in (False, True)]
+    x = torch.randn(4, 3, 160, 160, device=DEVICE)
+    results = []
+    with _exact_float32():
+        for model in models:
+            xi = x.clone().requires_grad_()
+            out = model(xi)
+            out.square().sum().backward()
+            results.append([out.detach(), xi.grad] + [p.grad for p in model.parameters()])
+    scale = max(t.abs().max().item() for t in results[0][2:])
+    for got, ref in zip(results[1], results[0]):
+        torch.testing.assert_close(got, ref, rtol=0, atol=2e-3 * max(ref.abs().max().item(), scale))
+    x = x.contiguous(memory_format=torch.channels_last)
+    outs = []
+    for model in models:
+        model = model.eval().to(memory_format=torch.channels_last)
+        with torch.no_grad(), torch.autocast('cuda', dtype=torch.bfloat16):
+            outs.append(model(x).float())
+    assert (outs[1] - outs[0]).norm() / outs[0].norm() < 0.05
+
+
+def test_fused_gate_kernel_on_cuda_odd_sizes():
+    from timm_gsop.layers.triton_gate import gate_product_bwd, gate_product_fwd
+    for (b, c, h, w), dtype in (((1, 45, 7, 9), torch.float32), ((3, 70, 13, 13), torch.bfloat16)):
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            x = torch.randn(b, c, h, w, device=DEVICE).to(dtype).contiguous(memory_format=fmt)
+            shortcut, gate = torch.randn_like(x), torch.rand(b, c, 1, 1, device=DEVICE).to(dtype)
+            out = gate_product_fwd(x, gate, shortcut, True)
+            ref = (x.float() * gate.float() + shortcut.float()).relu()
+            tol = 1e-6 if dtype == torch.float32 else 1e-2
+            torch.testing.assert_close(out.float(), ref, rtol=tol, atol=tol * ref.abs().max().item())
+            grad = torch.randn_like(x)
+            grad_x, grad_gate, grad_sc = gate_product_bwd(grad, x, gate, out, True)
+            g = grad.float() * (out.float() > 0)
+            want = (g * x.float()).sum((2, 3))
+            torch.testing.assert_close(grad_gate, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+            torch.testing.assert_close(grad_sc.float(), g, rtol=0, atol=0)
+
+
+def test_fused_block_compiles_on_cuda():
+    import torch._dynamo
+    torch._dynamo.reset()
+    from timm_gsop.layers import set_fused_gsop, use_fused_gsop
+    saved = use_fused_gsop()
+    set_fused_gsop(True)
+    try:
+        block = GSoPAttn(512, reduce_stride=2).to(DEVICE).eval()
+    finally:
+        set_fused_gsop(saved)
+    x, shortcut = torch.randn(8, 512, 28, 28, device=DEVICE), torch.randn(8, 512, 28, 28, device=DEVICE)
+    compiled = torch.compile(block, fullgraph=True)
+    with torch.no_grad(), _exact_float32():
+        torch.testing.assert_close(compiled(x, shortcut, True), block(x, shortcut, True), rtol=1e-4, atol=1e-4)

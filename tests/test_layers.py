@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torch.autograd import gradcheck, gradgradcheck
 
 import timm
-from timm_gsop.layers.gate_ops import relu_copy, scale_add
+from timm_gsop.layers.gate_ops import _relu_copy, scale_add
 from timm_gsop.layers import (
     ATTN_MODES, GSoPAttn, IsqrtCovPool, covariance, position_covariance, sqrtm_newton_schulz, triu_indices, triu_vec)
 
@@ -211,7 +211,7 @@ def test_relu_copy_gradients(stride, channels_last):
     gate = torch.rand(2, 3, 1, 1, dtype=torch.float64)
 
     def block(t):
-        t, rectified = relu_copy(t, stride)
+        t, rectified = _relu_copy(t, stride)
         return scale_add(t, gate), rectified.sin()  # the map feeds a product, as in GSoPAttn
 
     assert gradcheck(block, (x,))
@@ -222,6 +222,25 @@ def test_relu_copy_gradients(stride, channels_last):
     sub = F.relu(ref[:, :, ::stride, ::stride])
     ((ref * gate).square().sum() + sub.sin().sum()).backward()
     torch.testing.assert_close(x.grad, ref.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_relu_copy_leaves_gradients_it_does_not_own_alone():
+    # The in-place add is kept to the gradient scale_add makes: a gradient shared with another branch, a
+    # caller's grad_outputs and an expanded gradient each get an out-of-place sum.
+    x = torch.randn(2, 3, 4, 4, requires_grad=True)
+    w = torch.ones(2, 3, 4, 4, requires_grad=True)
+    a, r = _relu_copy(x)
+    y = w * 2
+    (((a + y) * 1.0).sum() + r.sum()).backward()  # a's and y's gradients are one tensor
+    assert (w.grad == 2).all()
+    torch.testing.assert_close(x.grad, 1 + (x > 0).float())
+    a, r = _relu_copy(x)
+    (a.sum() + r.sum()).backward()  # an expanded gradient
+    ga, gr = torch.ones(2, 3, 4, 4), torch.ones(2, 3, 4, 4)
+    a, r = _relu_copy(x)
+    got, = torch.autograd.grad((a, r), x, (ga, gr))
+    assert (ga == 1).all() and (gr == 1).all()
+    torch.testing.assert_close(got, 1 + (x > 0).float())
 
 
 def test_channel_and_position_gates_scale_as_defined():

@@ -8,12 +8,13 @@ covariance in bf16/fp16 loses the small differences it is made of, and under aut
 after it run in float32 too.
 """
 import contextlib
+import functools
 
 import torch
 from torch import Tensor
 from timm.layers import register_notrace_function
 
-__all__ = ['covariance', 'position_covariance', 'no_autocast', 'second_order_dtype', 'scaled_bmm']
+__all__ = ['covariance', 'position_covariance', 'no_autocast', 'autocast_off', 'second_order_dtype', 'scaled_bmm']
 
 
 def second_order_dtype(x: Tensor) -> torch.dtype:
@@ -27,6 +28,19 @@ def no_autocast(x: Tensor):
     if torch.amp.is_autocast_available(device_type):
         return torch.autocast(device_type=device_type, enabled=False)
     return contextlib.nullcontext()
+
+
+def autocast_off(fn):
+    """Decorator: ``fn`` runs with autocast off on the device of its first tensor argument.
+
+    TorchScript compiles ``fn`` itself (scripted code has no autocast to turn off, and cannot enter a context manager).
+    """
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        x = next(a for a in args if isinstance(a, Tensor))
+        with no_autocast(x):
+            return fn(*args, **kwargs)
+    return wrapper
 
 
 def scaled_bmm(a: Tensor, b: Tensor, alpha: float) -> Tensor:
@@ -68,16 +82,8 @@ class _Covariance(torch.autograd.Function):
         return grad_x.to(x.dtype), None
 
 
-def _covariance(x: Tensor) -> Tensor:
-    x = x.flatten(2)
-    dtype = second_order_dtype(x)
-    if torch.jit.is_scripting():  # TorchScript cannot call an autograd.Function
-        x = x - x.mean(dim=2, keepdim=True, dtype=dtype)
-        return torch.bmm(x, x.transpose(1, 2)).div_(x.shape[2])
-    return _Covariance.apply(x, dtype)
-
-
 @register_notrace_function
+@autocast_off
 def covariance(x: Tensor) -> Tensor:
     """Covariance of the channels of ``x`` over its positions.
 
@@ -87,21 +93,16 @@ def covariance(x: Tensor) -> Tensor:
     Returns:
         (B, C, C) matrices (1/M) * sum_m (x_m - mean)(x_m - mean)^T, in float32 (float64 for float64 ``x``).
     """
-    if torch.jit.is_scripting():
-        return _covariance(x)
-    with no_autocast(x):
-        return _covariance(x)
-
-
-def _position_covariance(x: Tensor) -> Tensor:
-    x = x.flatten(2).to(second_order_dtype(x))  # (B, d, M)
-    m = x.shape[2]
-    s = x.sum(dim=1).unsqueeze(2)  # (B, M, 1): per-position sum over channels
-    outer = torch.bmm(s, s.transpose(1, 2))
-    return torch.baddbmm(outer, x.transpose(1, 2), x, beta=-1.0 / (m * m), alpha=1.0 / m)
+    x = x.flatten(2)
+    dtype = second_order_dtype(x)
+    if torch.jit.is_scripting():  # TorchScript cannot call an autograd.Function
+        x = x - x.mean(dim=2, keepdim=True, dtype=dtype)
+        return torch.bmm(x, x.transpose(1, 2)).div_(x.shape[2])
+    return _Covariance.apply(x, dtype)
 
 
 @register_notrace_function
+@autocast_off
 def position_covariance(x: Tensor) -> Tensor:
     """Second-order statistic between positions, as GSoP's position mode defines it.
 
@@ -115,7 +116,8 @@ def position_covariance(x: Tensor) -> Tensor:
     Returns:
         (B, M, M) matrices in float32 (float64 for float64 ``x``).
     """
-    if torch.jit.is_scripting():
-        return _position_covariance(x)
-    with no_autocast(x):
-        return _position_covariance(x)
+    x = x.flatten(2).to(second_order_dtype(x))  # (B, d, M)
+    m = x.shape[2]
+    s = x.sum(dim=1).unsqueeze(2)  # (B, M, 1): per-position sum over channels
+    outer = torch.bmm(s, s.transpose(1, 2))
+    return torch.baddbmm(outer, x.transpose(1, 2), x, beta=-1.0 / (m * m), alpha=1.0 / m)

@@ -11,7 +11,24 @@ import torch.nn.functional as F
 from torch import Tensor
 from timm.layers import register_notrace_function
 
-__all__ = ['relu_copy', 'scale_add']
+__all__ = ['scale_add']
+
+# Marks a gradient that a gate product's backward made and nothing else holds, so the backward of the map's other
+# use may add into it in place.
+_OWNED = '_gsop_owned_grad'
+
+
+def _mark_owned(grad: Tensor) -> None:
+    if not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        setattr(grad, _OWNED, True)
+
+
+def _take_owned(grad: Tensor) -> bool:
+    """Whether ``grad`` is a gate product's own gradient (then unmarked: it is about to be used)."""
+    owned = getattr(grad, _OWNED, False)
+    if owned:
+        delattr(grad, _OWNED)
+    return owned
 
 
 class _ReluCopy(torch.autograd.Function):
@@ -20,9 +37,11 @@ class _ReluCopy(torch.autograd.Function):
     The gradients of the two outputs both reach ``x``. Autograd would mask the copy's gradient, scatter
     it into a full-size zero map where s > 1 (one per sliced dimension), and add two full maps. Here
     the masked gradient is added into the map's gradient in place: one pass over the map where s == 1,
-    a pass over every s-th pixel where s > 1. The map's gradient is the gate product's own fresh
-    tensor (``scale_add``'s ``grad * gate``, or a sum of several), so it may be updated in place; under
-    ``create_graph`` the backward stays out of place and differentiable.
+    a pass over every s-th pixel where s > 1. It does so only where that gradient is the gate product's
+    own fresh tensor (``scale_add``'s ``grad * gate``, marked by its backward; autograd may have added
+    other branches' gradients into it); any other gradient (shared with another branch, a caller's
+    ``grad_outputs``, an expanded one) gets an out-of-place sum, as under ``create_graph``, where the
+    backward stays differentiable.
     """
 
     @staticmethod
@@ -36,8 +55,9 @@ class _ReluCopy(torch.autograd.Function):
     def backward(ctx, grad_x: Tensor, grad_rectified: Tensor):
         rectified, = ctx.saved_tensors
         s = ctx.stride
-        if torch.is_grad_enabled():  # create_graph: out of place, differentiable
-            grad_x = grad_x.clone()
+        owned = _take_owned(grad_x)
+        if torch.is_grad_enabled() or not owned:  # out of place (and differentiable under create_graph)
+            grad_x = grad_x.clone(memory_format=torch.preserve_format)
             grad_x[:, :, ::s, ::s] += grad_rectified * (rectified > 0)
         elif s == 1:
             grad_x.addcmul_(grad_rectified, rectified > 0)
@@ -47,11 +67,10 @@ class _ReluCopy(torch.autograd.Function):
 
 
 @register_notrace_function
-def relu_copy(x: Tensor, stride: int = 1) -> Tuple[Tensor, Tensor]:
+def _relu_copy(x: Tensor, stride: int = 1) -> Tuple[Tensor, Tensor]:
     """``(x, relu(x[..., ::stride, ::stride]))`` for a (B, C, H, W) map: what a GSoP block scales, and what its gate reads.
 
-    The returned map must feed ops whose backward makes its gradient anew (``scale_add``, a product):
-    the backward adds the copy's gradient into that tensor in place.
+    The backward adds the copy's gradient into the map's in place where ``scale_add`` made that gradient.
     """
     if torch.jit.is_scripting():  # TorchScript cannot call an autograd.Function
         return x, F.relu(x[:, :, ::stride, ::stride])
@@ -77,7 +96,10 @@ class _ScaleAdd(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         x, gate = ctx.saved_tensors
-        grad_x = grad * gate if ctx.needs_input_grad[0] else None
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad * gate
+            _mark_owned(grad_x)
         grad_gate = None
         if ctx.needs_input_grad[1]:
             if grad.dtype == x.dtype and grad.is_contiguous() and x.is_contiguous():

@@ -11,11 +11,12 @@ from torch import Tensor, nn
 from timm.layers import LayerType, create_act_layer, get_norm_layer, register_notrace_function
 
 from ._checks import check_positive_int
-from .covariance import covariance, no_autocast, second_order_dtype
+from .covariance import autocast_off, covariance, second_order_dtype
 
 __all__ = ['sqrtm_newton_schulz', 'triu_vec', 'triu_indices', 'IsqrtCovPool']
 
 
+@autocast_off
 def _sqrtm_newton_schulz(x: Tensor, num_iter: int, eps: float) -> Tensor:
     dim = x.shape[-1]
     eye = torch.eye(dim, device=x.device, dtype=x.dtype).unsqueeze(0)
@@ -44,11 +45,7 @@ def sqrtm_newton_schulz(x: Tensor, num_iter: int = 3, eps: float = 1e-5) -> Tens
     """
     if num_iter < 1:
         raise ValueError(f'num_iter must be >= 1, got {num_iter}')
-    x = x.to(second_order_dtype(x))
-    if torch.jit.is_scripting():
-        return _sqrtm_newton_schulz(x, num_iter, eps)
-    with no_autocast(x):
-        return _sqrtm_newton_schulz(x, num_iter, eps)
+    return _sqrtm_newton_schulz(x.to(second_order_dtype(x)), num_iter, eps)
 
 
 def triu_indices(dim: int, device: Optional[torch.device] = None) -> Tensor:

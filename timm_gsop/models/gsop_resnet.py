@@ -65,6 +65,8 @@ class GSoPBottleneck(GSoPBottleneckBase):
         x = self.bn3(self.conv3(x))
         if self.downsample is not None:
             shortcut = self.downsample(shortcut)
+        if self.attn is not None and self.drop_path is None and isinstance(self.act3, nn.ReLU):
+            return self.attn(x, shortcut, True)  # the attention layer's one pass ends in the block's ReLU
         return self.act3(self.add_shortcut(x, shortcut))
 
 
