@@ -244,20 +244,8 @@ def check_checkpoint(name: str, argv: List[str]) -> None:
     except (RuntimeError, TypeError, ValueError) as e:
         raise LaunchError(f'--model {model_name} with these options: {first_line(e)}')
     try:
-        check_state_dict_fits(state_dict, model, model_name=model_name, cli=True)
+        check_state_dict_fits(state_dict, model, model_name=model_name, cli=True, path=path)
     except CheckpointError as e:
-        fc = model.pretrained_cfg.get('classifier', 'fc')
-        ckpt_classes = getattr(state_dict.get(f'{fc}.weight'), 'shape', [None])[0]
-        if path == _last_value(argv, '--initial-checkpoint') and ckpt_classes != model.num_classes:
-            try:
-                check_state_dict_fits(state_dict, model, check_classifier=False, model_name=model_name, cli=True)
-            except CheckpointError:
-                pass
-            else:
-                raise LaunchError(
-                    f'{path} has {ckpt_classes} classes, the model {model.num_classes}. To fine-tune it on '
-                    f'{model.num_classes} classes (a new classifier), pass --pretrained --pretrained-path {path} '
-                    f'instead of --initial-checkpoint; to keep its classifier, --num-classes {ckpt_classes}.')
         raise LaunchError(f'{path}: {e}')
 
 
