@@ -11,7 +11,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -24,14 +24,13 @@ from ..models._checkpoint import CheckpointError, check_finite, check_state_dict
 from .card import OFFICIAL_CODE_URL, model_card
 from .folder import ALLOWED_FILES, MANIFEST, StagedFolder
 from .run import (
-    ExportError, LoadedCheckpoint, Reporter, check_label_names, finite_number, read_checkpoint, run_label_names)
+    ExportError, LoadedCheckpoint, PathLike, Reporter, check_label_names, finite_number, read_checkpoint,
+    run_label_names)
 
 __all__ = [
     'export_checkpoint', 'push_checkpoint', 'build_model_from_checkpoint', 'export_data_config',
     'PREPROCESSING_KEYS', 'HUB_LICENSES',
 ]
-
-PathLike = Union[str, os.PathLike]
 
 _DATA_KEYS = ('input_size', 'interpolation', 'mean', 'std', 'crop_pct', 'crop_mode')
 #: What ``preprocessing=`` may set (the export options of the same names).
