@@ -150,9 +150,9 @@ def test_preprocessing_class_names_dataset_and_licence_options(shapes_run, tmp_p
     (['--model-kwargs', 'checkpoint_path="x"'], 'checkpoint_path cannot be given as model kwargs'),
     # sizes the weights do not have: refused (by the constructor's bounds, or as not fitting the weights on the
     # meta device) before anything of that size is allocated; the fit explanation takes several lines
-    (['--model-kwargs', 'attn_dim=30000'], 'attn_dim=30000'),
+    (['--model-kwargs', 'attn_dim=30000'], 'attn_dim must be an integer in [1, 2048]'),
     (['--model-kwargs', 'num_classes=1e11'], 'num_classes'),
-    (['--model-kwargs', 'num_classes=100000000000'], 'num_classes=100000000000'),
+    (['--model-kwargs', 'num_classes=100000000000'], 'num_classes must be an integer in [0, 1000000]'),
     (['--model-kwargs', 'layers=[1000000, 1, 1, 1]'], 'layers'),
 ])
 def test_bad_export_options_are_clear_errors(shapes_run, tmp_path, capsys, option, message):
@@ -177,7 +177,7 @@ def test_bad_export_options_are_clear_errors(shapes_run, tmp_path, capsys, optio
     (dict(img_size='abc'), "args.yaml: img_size must be one or two integers from 64 to 4096 (px), got 'abc'"),
     (dict(img_size=30000), 'args.yaml: img_size must be one or two integers from 64 to 4096 (px), got 30000'),
     (dict(input_size=[3, 64]), 'args.yaml: input_size must be one or two integers from 64 to 4096 (px) after 3'),
-    (dict(model_kwargs=dict(MODEL_KWARGS, attn_dim=30000)), 'attn_dim=30000'),
+    (dict(model_kwargs=dict(MODEL_KWARGS, attn_dim=30000)), 'attn_dim must be an integer in [1, 2048]'),
     (dict(model_kwargs=dict(MODEL_KWARGS, pretrained=True)), 'pretrained cannot be given as model kwargs'),
     (dict(model=None), 'no --model given, and no args.yaml beside'),
 ])
@@ -191,10 +191,11 @@ def test_bad_values_in_args_yaml_are_refused_as_options_are(shapes_run, tmp_path
 
 
 def test_model_from_args_yaml_and_odd_epochs(shapes_run, tmp_path, capsys):
-    """--model and its kwargs come from args.yaml; a NaN epoch (checkpoint, summary.csv) is no epoch."""
+    """--model and its kwargs come from args.yaml; summary.csv rows without a whole epoch are skipped; a NaN
+    epoch in the checkpoint is a one-line error (the file is damaged)."""
     summary = 'epoch,eval_top1,eval_top5\nnan,10.0,20.0\n0,40.0,100.0\n1.5,45.0,100.0\n1,55.5,100.0\n'
     checkpoint = write_run(tmp_path / 'run', shapes_run['model'], shapes_run['args'], summary=summary,
-                           epoch=float('nan'), metric=float('nan'))
+                           epoch=9, metric=float('nan'))  # an epoch summary.csv does not have
     out = tmp_path / 'out'
     assert cli.main(['export', str(checkpoint), str(out), '-q', '--install', 'pip install timm-gsop==0.1.0']) == 0
     assert json.loads((out / 'config.json').read_text())['architecture'] == 'gsop_resnet50'
@@ -208,6 +209,11 @@ def test_model_from_args_yaml_and_odd_epochs(shapes_run, tmp_path, capsys):
     assert cli.main(['export', str(no_run), str(tmp_path / 'out2'), '-q']) == 1
     err = capsys.readouterr().err
     assert 'no --model given, and no args.yaml beside' in err and 'one of gsop2_resnet101, ' in err
+
+    nan_epoch = write_run(tmp_path / 'nan', shapes_run['model'], shapes_run['args'], epoch=float('nan'))
+    assert cli.main(['export', str(nan_epoch), str(tmp_path / 'out3'), '-q']) == 1
+    err = capsys.readouterr().err
+    assert 'the checkpoint says epoch nan' in err and len(err.strip().splitlines()) == 1
 
 
 def test_card_facts_follow_the_model_net2_at_its_resolution(tmp_path):

@@ -10,17 +10,45 @@ Progress goes to stderr; the result (the folder, the commit URL) to stdout; erro
 ``timm-gsop COMMAND: error: ...`` line and exit status 1.
 """
 import argparse
+import ast
+import json
 import sys
-from typing import List, Optional
+from pathlib import Path
+from typing import Any, List, Optional, Tuple
 
 __all__ = ['main', 'build_parser']
+
+
+def _key_value(item: str) -> Tuple[str, Any]:
+    """``'attn_dim=64'`` -> ``('attn_dim', 64)``: values are Python literals where they parse."""
+    key, sep, value = item.partition('=')
+    key = key.strip().replace('-', '_')
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f'{item!r} is not of the form key=value')
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return key, value
+
+
+def read_label_names(path: str) -> List[str]:
+    """Class names from a file: a JSON list, or one name a line (as timm's ``.txt`` class maps)."""
+    from timm_gsop.hub import ExportError
+    try:
+        text = Path(path).read_text(encoding='utf-8')
+        names = json.loads(text) if path.endswith('.json') else [n.strip() for n in text.splitlines() if n.strip()]
+    except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise ExportError(f'cannot read the label names file {path}: {getattr(e, "strerror", None) or e}') from e
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise ExportError(f'{path} must hold a JSON list of class names (strings)')
+    return names
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument('--model', default=None, metavar='NAME',
                    help="model name, e.g. gsop_resnet50 or gsop2_resnet101 (default: the run's --model, from "
                         'args.yaml beside the checkpoint)')
-    p.add_argument('--model-kwargs', nargs='*', default=[], metavar='KEY=VALUE',
+    p.add_argument('--model-kwargs', nargs='*', type=_key_value, default=[], metavar='KEY=VALUE',
                    help='model arguments, e.g. attn_mode=position attn_dim=64 (values are Python literals). '
                         'By default num_classes, attn_dim and attn_mode are read from the weights, and the '
                         'others from the --model-kwargs of the training run')
@@ -78,18 +106,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    from timm_gsop.hub import ExportError, export_checkpoint, parse_model_kwargs, push_checkpoint, read_label_names_file
+    from timm_gsop.hub import ExportError, export_checkpoint, push_checkpoint
 
     def size(value):
         return None if value is None else value[0] if len(value) == 1 else tuple(value)
     try:
         options = dict(
             license=args.license, dataset=args.dataset_name, install=args.install, verbose=not args.quiet,
-            label_names=read_label_names_file(args.label_names) if args.label_names else None,
+            label_names=read_label_names(args.label_names) if args.label_names else None,
             preprocessing=dict(img_size=size(args.img_size), test_img_size=size(args.test_img_size),
                                **{k: getattr(args, k) for k in ('crop_pct', 'crop_mode', 'interpolation', 'mean',
                                                                 'std', 'test_crop_pct')}))
-        kwargs = parse_model_kwargs(args.model_kwargs)
+        kwargs = dict(args.model_kwargs)
         if args.command == 'export':
             print(export_checkpoint(args.checkpoint, args.out_dir, args.model, kwargs, force=args.force,
                                     repo_id=args.repo_id, **options))

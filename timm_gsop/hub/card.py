@@ -18,7 +18,7 @@ from timm.models._hub import generate_readme
 from timm.optim import get_optimizer_info
 
 from ..models._checkpoint import inspect_state_dict
-from .run import LoadedCheckpoint, TrainRun
+from .run import LoadedCheckpoint
 
 __all__ = ['model_card', 'measure', 'recipe', 'install_line', 'OFFICIAL_CODE_URL']
 
@@ -102,13 +102,13 @@ def _size(input_size: Sequence[int]) -> str:
 
 def architecture_text(model: nn.Module) -> str:
     """One paragraph: backbone, where the GSoP blocks sit and their covariances, head, classifier, stride."""
-    arch, stride = inspect_state_dict(model.state_dict()), model.feature_info[-1]['reduction']
-    mode = getattr(model, 'attn_mode', None) or arch.attn_mode
+    arch = inspect_state_dict(model.state_dict())
+    mode = model.attn_mode
     stages = [str(i + 1) for i, on in enumerate(arch.attn_stages) if on]
-    text = (f'{arch.net} on {"a pre-activation" if arch.preact else "a"} ResNet-{arch.depth} '
-            f'({_fmt(arch.layers)} bottlenecks per stage); ')
+    text = f'{arch.net} on {"a pre-activation" if arch.preact else "a"} ResNet-{arch.depth} ({_fmt(arch.layers)} ' \
+           f'bottlenecks per stage); '
     if mode == 'none' or not stages:
-        text += "no GSoP blocks (the backbone alone, the paper's baseline); "
+        text += 'no GSoP blocks; '
     else:
         covs = [f'{arch.attn_dim}x{arch.attn_dim} channel covariance'] if mode != 'position' else []
         if mode != 'channel' and arch.position_cov:
@@ -116,28 +116,27 @@ def architecture_text(model: nn.Module) -> str:
             covs.append(f'{arch.position_cov}x{arch.position_cov} position covariance of a {grid}x{grid} pooled map')
         where = 'at the end of the residual branch of the last block' if arch.preact else \
             'after bn3 of the last bottleneck'
-        text += (f'a GSoP block (attn_mode `{mode}`, attn_dim {arch.attn_dim}: {" and ".join(covs)}) {where} of '
-                 f'stage{"s" if len(stages) > 1 else ""} {", ".join(stages)}; ')
+        text += f'a GSoP block (attn_mode `{mode}`, attn_dim {arch.attn_dim}: {" and ".join(covs)}) {where} of ' \
+                f'stage{"s" if len(stages) > 1 else ""} {", ".join(stages)}; '
     if arch.isqrt_head:
-        text += (f'iSQRT-COV pooling (1x1 conv {arch.head_in}->{arch.cov_dim}, {arch.cov_dim}x{arch.cov_dim} '
-                 f'covariance, {getattr(model, "sqrt_iters", "?")} Newton-Schulz iterations, upper triangle of '
-                 f'{arch.cov_dim * (arch.cov_dim + 1) // 2:,} values); ')
+        text += f'iSQRT-COV pooling (1x1 conv {arch.head_in}->{arch.cov_dim}, {arch.cov_dim}x{arch.cov_dim} ' \
+                f'covariance, {model.sqrt_iters} Newton-Schulz iterations, upper triangle of ' \
+                f'{arch.cov_dim * (arch.cov_dim + 1) // 2:,} values); '
     else:
-        pool = getattr(model.global_pool, 'pool_type', 'avg') or 'no'
+        pool = model.global_pool.pool_type or 'no'
         text += f'global {"average" if pool == "avg" else pool} pooling; '
     text += f'a linear classifier to {arch.num_classes} classes; ' if arch.num_classes else 'no classifier; '
-    keeps = ' (the last stage keeps stride 1, as in the official code)' if not arch.preact and stride == 16 else ''
-    return text + f'output stride {stride}{keeps}.'
+    return text + f'output stride {model.feature_info[-1]["reduction"]}.'
 
 
-def _results(run: TrainRun, checkpoint: LoadedCheckpoint, where: str, measured: Dict[str, Any],
+def _results(checkpoint: LoadedCheckpoint, where: str, measured: Dict[str, Any],
              exported: Dict[str, Any]) -> List[str]:
-    rows = [r for r in run.summary if 'eval_top1' in r]
+    rows = [r for r in checkpoint.summary if 'eval_top1' in r]
     if not rows:
         return [] if checkpoint.metric is None else [
             '## Results', '', f'The checkpoint records a top-1 accuracy of {checkpoint.metric:.2f}% (no summary.csv '
             'beside it, so how it was measured is unknown).', '']
-    split = f', split `{run.args["val_split"]}`' if run.args.get('val_split') else ''
+    split = f', split `{checkpoint.args["val_split"]}`' if checkpoint.args.get('val_split') else ''
     lines = ['## Results', '', f'Validation by train.py during training ({len(rows)} epochs in its summary.csv) on '
              f'{where}{split}, at {_size(measured["input_size"])} px, resize + {measured["crop_mode"]} crop with '
              f'crop_pct {_fmt(measured["crop_pct"])}, {measured["interpolation"]} interpolation.',
@@ -147,9 +146,10 @@ def _results(run: TrainRun, checkpoint: LoadedCheckpoint, where: str, measured: 
              '| weights | epoch | top-1 (%) | top-5 (%) |', '|---|---|---|---|']
     this = next((r for r in rows if int(r['epoch']) == checkpoint.epoch), None)
     best = max(rows, key=lambda r: r['eval_top1'])
-    shown = [('this checkpoint', this), ('best epoch of the run', best), ('last epoch of the run', rows[-1])]
-    for i, (label, r) in enumerate(shown):
-        if r is not None and all(r is not other for _, other in shown[:i]):
+    shown = []
+    for label, r in (('this checkpoint', this), ('best epoch of the run', best), ('last epoch of the run', rows[-1])):
+        if r is not None and not any(r is other for other in shown):
+            shown.append(r)
             top5 = f'{r["eval_top5"]:.2f}' if 'eval_top5' in r else 'n/a'
             lines.append(f'| {label} | {int(r["epoch"])} | {r["eval_top1"]:.2f} | {top5} |')
     return lines + ['']
@@ -167,28 +167,21 @@ def _usage(hub_name: str, num_classes: int, has_labels: bool, install: str) -> s
         '    probs = model(transform(img).unsqueeze(0)).softmax(dim=-1)',
         f'top_probs, top_classes = probs.topk({min(5, max(num_classes, 1))})',
         *(["print([model.pretrained_cfg['label_names'][i] for i in top_classes[0]])"] if has_labels else []),
-        '```', '', 'Features: `model.forward_features(x)` (the unpooled map), `model.forward_head(features, '
-        "pre_logits=True)` (pooled). A local copy of this folder loads with `timm.create_model('local-dir:PATH', "
-        "pretrained=True)`."])
+        '```', '', "A local copy of this folder loads with `timm.create_model('local-dir:PATH', pretrained=True)`."])
 
 
 def model_card(
         *, model: nn.Module, model_name: str, model_args: Dict[str, Any], checkpoint: LoadedCheckpoint,
-        run: TrainRun, data_config: Dict[str, Any], measured_config: Dict[str, Any],
+        data_config: Dict[str, Any], measured_config: Dict[str, Any],
         label_names: Optional[Sequence[str]], dataset: Optional[str], title: str, repo_id: Optional[str] = None,
         license: Optional[str] = None, install: Optional[str] = None) -> str:
     """README.md text. ``data_config`` is the exported preprocessing, ``measured_config`` the run's."""
     size = tuple(data_config['input_size'])
     macs, features = measure(model_name, model_args, size)
-    epoch = f' of epoch {checkpoint.epoch}' if checkpoint.epoch is not None else ''
-    if checkpoint.official:
-        metric = f', best top-1 {checkpoint.metric:.2f}%' if checkpoint.metric is not None else ''
-        epoch = f', epoch {checkpoint.epoch}' if checkpoint.epoch is not None else ''
-        weights = f'converted from a checkpoint of the official GSoP code (arch `{checkpoint.arch}`{epoch}{metric})'
-    elif checkpoint.source != 'top level':
-        weights = f'{"EMA weights" if "ema" in checkpoint.source else "weights"}{epoch} of a timm `train.py` checkpoint'
-    else:
-        weights = 'a bare state dict'
+    weights = 'EMA weights' if 'ema' in checkpoint.source else 'weights'
+    weights += f' of epoch {checkpoint.epoch}' if checkpoint.epoch is not None else ''
+    weights += ' converted from a checkpoint of the official GSoP code' if checkpoint.official else \
+        ' of a timm `train.py` checkpoint' if checkpoint.source != 'top level' else ' of a state dict'
     test = ''
     if data_config.get('test_input_size'):
         crop = f', crop_pct {_fmt(data_config["test_crop_pct"])}' if data_config.get('test_crop_pct') else ''
@@ -200,8 +193,7 @@ def model_card(
         'Architecture': f'`{model_name}`: {architecture_text(model)}',
         'Model arguments (config.json `model_args`)': f'`{json.dumps(model_args, sort_keys=True)}`',
         'Params (M)': f'{sum(p.numel() for p in model.parameters()) / 1e6:.2f}',
-        f'GMACs ({_size(size)})': f'{macs / 1e9:.{2 if macs >= 1e8 else 4}f} (multiply-accumulates of convolutions '
-                                  'and matrix products, counted with `torch.utils.flop_counter.FlopCounterMode`)',
+        f'GMACs ({_size(size)})': f'{macs / 1e9:.{2 if macs >= 1e8 else 4}f} (counted with `FlopCounterMode`)',
         'Feature map': f'{features[0]} channels: {features[1]}x{features[2]} at {_size(size)}',
         'Image size': f'{_size(size)}{test}',
         'Preprocessing': f'resize + {data_config["crop_mode"]} crop (crop_pct {_fmt(data_config["crop_pct"])}, '
@@ -217,11 +209,11 @@ def model_card(
     description = [f'A GSoP-Net image classification model (`{model_name}`) from "Global Second-order Pooling '
                    'Convolutional Networks" (Gao, Xie, Wang, Li; CVPR 2019), as a [timm](https://github.com/'
                    'huggingface/pytorch-image-models) model of the `timm_gsop` package.', '']
-    description += _results(run, checkpoint, dataset or "the run's validation set", measured_config, data_config)
-    applied = recipe(run.args)
+    description += _results(checkpoint, dataset or "the run's validation set", measured_config, data_config)
+    applied = recipe(checkpoint.args)
     if applied:
         description += ['## Training recipe', '', f'The arguments of train.py that were set and applied, from '
-                        f'{run.args_origin} (paths and machine settings left out):', '', '```yaml',
+                        f'{checkpoint.args_origin} (paths and machine settings left out):', '', '```yaml',
                         *(f'{k}: {v if isinstance(v, str) else json.dumps(v)}' for k, v in applied.items()), '```']
     return generate_readme(dict(
         tags=['image-classification', 'timm', 'gsop-net'], license=license or 'unknown', details=details,

@@ -6,34 +6,31 @@ preprocessing the run validated with, options overriding it, and the class names
 folder is checked (strict JSON; alone it rebuilds the same logits and preprocessing) and put in place by
 ``folder.py``. ``push_checkpoint`` exports to a temporary folder and uploads it with ``huggingface_hub``.
 """
-import ast
 import inspect
 import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 import timm
 from huggingface_hub import HfApi
-from timm.data import resolve_data_config, resolve_model_data_config
+from timm.data import resolve_data_config
 
 from ..models._checkpoint import CheckpointError, check_finite, check_state_dict_fits, inspect_state_dict
 from .card import OFFICIAL_CODE_URL, model_card
 from .folder import ALLOWED_FILES, MANIFEST, StagedFolder
 from .run import (
-    ExportError, LoadedCheckpoint, Reporter, TrainRun, check_label_names, finite_number, read_checkpoint, read_run,
+    ExportError, LoadedCheckpoint, PathLike, Reporter, check_label_names, finite_number, read_checkpoint,
     run_label_names)
 
 __all__ = [
-    'export_checkpoint', 'push_checkpoint', 'build_model_from_checkpoint', 'export_data_config', 'parse_model_kwargs',
+    'export_checkpoint', 'push_checkpoint', 'build_model_from_checkpoint', 'export_data_config',
     'PREPROCESSING_KEYS', 'HUB_LICENSES',
 ]
-
-PathLike = Union[str, os.PathLike]
 
 _DATA_KEYS = ('input_size', 'interpolation', 'mean', 'std', 'crop_pct', 'crop_mode')
 #: What ``preprocessing=`` may set (the export options of the same names).
@@ -56,24 +53,9 @@ HUB_LICENSES = (
 _NOT_MODEL_ARGS = set(inspect.signature(timm.create_model).parameters) - {'model_name', 'kwargs'} | {'features_only'}
 
 
-def parse_model_kwargs(items: Optional[Sequence[str]]) -> Dict[str, Any]:
-    """``['attn_mode=position', 'attn_dim=64']`` -> dict; values are Python literals where they parse."""
-    out = {}
-    for item in items or ():
-        key, sep, value = item.partition('=')
-        key = key.strip().replace('-', '_')
-        if not sep or not key.isidentifier():
-            raise ExportError(f'model kwarg {item!r} is not of the form key=value')
-        try:
-            out[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError, MemoryError, RecursionError):
-            out[key] = value
-    return out
-
-
 def build_model_from_checkpoint(
         checkpoint: LoadedCheckpoint, model_name: str, model_kwargs: Optional[Dict[str, Any]] = None,
-        run: Optional[TrainRun] = None, reporter: Optional[Reporter] = None) -> Tuple[nn.Module, Dict[str, Any]]:
+        reporter: Optional[Reporter] = None) -> Tuple[nn.Module, Dict[str, Any]]:
     """(``timm.create_model(model_name, **kwargs)`` in eval mode with the checkpoint's weights, kwargs): what
     the weights decide (num_classes, attn_dim, attn_mode where they tell), the run's, then ``model_kwargs``."""
     reporter = reporter or Reporter(verbose=False)
@@ -82,7 +64,7 @@ def build_model_from_checkpoint(
         raise ExportError(f'unknown model {model_name!r}; this exports GSoP-Net models: {", ".join(names)}')
     if checkpoint.arch and not checkpoint.official and checkpoint.arch != model_name:
         reporter.warn(f'the checkpoint was trained as {checkpoint.arch!r}, exporting as {model_name!r}')
-    given = dict((run or TrainRun()).model_kwargs(), **(model_kwargs or {}))
+    given = dict(checkpoint.model_kwargs(), **(model_kwargs or {}))
     wrong = sorted(_NOT_MODEL_ARGS & set(given))
     if wrong:
         raise ExportError(f'{", ".join(wrong)} cannot be given as model kwargs: the export takes the weights from '
@@ -168,20 +150,16 @@ def export_data_config(model: nn.Module, run_args: Dict[str, Any], preprocessing
     return _apply_preprocessing(measured, preprocessing or {}, '', min_size), measured
 
 
-def _check_folder(folder: Path) -> None:
-    """Export files only (no pickle), and a config.json of strict JSON (no NaN / Infinity)."""
+def _verify(model: nn.Module, folder: Path, data_config: Dict[str, Any], label_names: Optional[Sequence[str]]):
+    """Export files only (no pickle), config.json of strict JSON (no NaN / Infinity), and the folder alone
+    rebuilds the model (same logits), its preprocessing and its class names."""
     names = sorted(p.name for p in folder.iterdir())
-    if not set(names) <= set(ALLOWED_FILES) - {MANIFEST} or 'model.safetensors' not in names:
+    if not set(names) <= set(ALLOWED_FILES) or 'model.safetensors' not in names:
         raise ExportError(f'internal error: the export folder holds {names}')
 
     def refuse(constant: str):
         raise ExportError(f'internal error: config.json would hold {constant}, which is not JSON')
     json.loads((folder / 'config.json').read_text(), parse_constant=refuse)
-
-
-def _verify_reload(model: nn.Module, folder: Path, data_config: Dict[str, Any],
-                   label_names: Optional[Sequence[str]]) -> None:
-    """The folder alone must rebuild the model (same logits), its preprocessing and its class names."""
     try:
         reloaded = timm.create_model(f'local-dir:{folder}', pretrained=True).eval()
     except Exception as e:
@@ -196,21 +174,12 @@ def _verify_reload(model: nn.Module, folder: Path, data_config: Dict[str, Any],
                           'the checkpoint is not usable as it is')
     if want.shape != got.shape or not torch.allclose(want, got, rtol=1e-4, atol=1e-5):
         raise ExportError('internal error: the exported folder rebuilds a model whose logits differ from the source')
-
-    for use_test_size in (False, True):  # config.json gives lists
-        got = {k: tuple(v) if isinstance(v, list) else v for k, v in
-               resolve_model_data_config(reloaded, use_test_size=use_test_size).items() if k in _DATA_KEYS}
-        want = dict({k: data_config[k] for k in _DATA_KEYS}, **({
-            'input_size': data_config.get('test_input_size', data_config['input_size']),
-            'crop_pct': data_config.get('test_crop_pct', data_config['crop_pct'])} if use_test_size else {}))
-        if got != want or list(reloaded.pretrained_cfg.get('label_names') or []) != list(label_names or []):
-            raise ExportError(f'internal error: the exported folder gives preprocessing {got} and class names '
-                              f'{reloaded.pretrained_cfg.get("label_names")}, not {want} and {label_names}')
-
-
-def _check_text(name: str, value: Optional[str]) -> None:
-    if value is not None and (not value.isprintable() or not value.strip()):
-        raise ExportError(f'{name} must be one line of printable text, got {value!r}')
+    cfg = reloaded.pretrained_cfg  # config.json gives lists
+    keys = _DATA_KEYS + ('test_input_size', 'test_crop_pct')
+    got = {k: tuple(cfg[k]) if isinstance(cfg.get(k), list) else cfg.get(k) for k in keys}
+    if got != {k: data_config.get(k) for k in keys} or list(cfg.get('label_names') or []) != list(label_names or []):
+        raise ExportError(f'internal error: the exported folder gives preprocessing {got} and class names '
+                          f'{cfg.get("label_names")}, not {data_config} and {label_names}')
 
 
 def export_checkpoint(
@@ -218,7 +187,7 @@ def export_checkpoint(
         model_kwargs: Optional[Dict[str, Any]] = None, *, force: bool = False, repo_id: Optional[str] = None,
         license: Optional[str] = None, preprocessing: Optional[Dict[str, Any]] = None,
         label_names: Optional[Sequence[str]] = None, dataset: Optional[str] = None, install: Optional[str] = None,
-        verbose: bool = True, verify: bool = True) -> Path:
+        verbose: bool = True) -> Path:
     """Export ``checkpoint`` to the new folder ``out_dir``; returns it. ``model_name`` defaults to the run's
     (args.yaml); ``force`` replaces a previous export; ``preprocessing`` (``PREPROCESSING_KEYS``),
     ``label_names`` and ``dataset`` replace the run's; ``license``: a Hub licence id; ``install``: the
@@ -232,40 +201,33 @@ def export_checkpoint(
     if license is not None and license not in HUB_LICENSES:
         raise ExportError(f'--license {license!r} is not a Hub licence id; choose one of {", ".join(HUB_LICENSES)}')
     for name, value in (('--dataset-name', dataset), ('--install', install), ('--repo-id', repo_id)):
-        _check_text(name, value)
+        if value is not None and (not value.isprintable() or not value.strip()):
+            raise ExportError(f'{name} must be one line of printable text, got {value!r}')
     staged = StagedFolder(out_dir, force=force, report=reporter.warn)
 
     ckpt = read_checkpoint(checkpoint_path)
-    run = read_run(ckpt)
-    reporter.progress(f'{checkpoint_path}: {len(ckpt.state_dict)} tensors from "{ckpt.source}"'
-                      + (' (official names converted)' if ckpt.official else '')
-                      + (f'; run arguments from {run.args_origin}' if run.args else ''))
+    reporter.progress(f'{checkpoint_path}: weights from "{ckpt.source}"; run arguments from {ckpt.args_origin or "-"}')
     if model_name is None:
-        model_name = run.args.get('model')
+        model_name = ckpt.args.get('model')
         if not isinstance(model_name, str):
             raise ExportError(f'no --model given, and no args.yaml beside {checkpoint_path} (nor the checkpoint) '
                               f'names one: pass --model NAME, one of {", ".join(sorted(timm.list_models("gsop*")))}')
-    model, kwargs = build_model_from_checkpoint(ckpt, model_name, model_kwargs, run, reporter)
-    data_config, measured = export_data_config(model, run.args, preprocessing, run.args_origin)
+    model, kwargs = build_model_from_checkpoint(ckpt, model_name, model_kwargs, reporter)
+    data_config, measured = export_data_config(model, ckpt.args, preprocessing, ckpt.args_origin)
+    data_dir, name = ckpt.args.get('data_dir') or ckpt.args.get('data'), str(ckpt.args.get('dataset') or '')
     if label_names is not None:
         label_names = check_label_names(label_names, model.num_classes)
     elif model.num_classes:
-        label_names, origin = run_label_names(run.args, model.num_classes)
-        named = run.args.get('data_dir') or run.args.get('data') or run.args.get('dataset')
-        (reporter.progress if label_names or not named else reporter.warn)(
-            f'class names {"from " if label_names else "not written: "}{origin}'
-            + ('' if label_names else '; pass --label-names FILE to give them'))
-    if not dataset:
-        name, data_dir = str(run.args.get('dataset') or ''), str(run.args.get('data_dir') or run.args.get('data') or '')
-        dataset = f'`{name}`' if '/' in name else f'the image folder `{Path(data_dir).name}`' if data_dir else None
+        label_names, origin = run_label_names(ckpt.args, model.num_classes)
+        (reporter.progress if label_names or not (data_dir or name) else reporter.warn)(
+            f'class names from {origin}' if label_names else
+            f'class names not written: {origin}; pass --label-names FILE to give them')
+    if not dataset and (data_dir or '/' in name):
+        dataset = f'`{name}`' if '/' in name else f'the image folder `{Path(str(data_dir)).name}`'
 
-    # This model is ours to describe: the weights' licence is the publisher's (none unless given),
-    # and their origin is the run, not the official code.
-    model.pretrained_cfg = {k: v for k, v in model.pretrained_cfg.items() if k not in ('license', 'origin_url')}
-    if license:
-        model.pretrained_cfg['license'] = license
-    if ckpt.official:
-        model.pretrained_cfg['origin_url'] = OFFICIAL_CODE_URL
+    # The weights' licence is the publisher's (none unless given), their origin the run (None: left out).
+    model.pretrained_cfg = dict(
+        model.pretrained_cfg, license=license, origin_url=OFFICIAL_CODE_URL if ckpt.official else None)
     # attn_mode / attn_dim are written even where they are the defaults, so that the folder does not depend on them.
     export_args = {k: kwargs[k] for k in ('attn_mode', 'attn_dim') if k in kwargs}
     with staged as tmp:
@@ -278,18 +240,13 @@ def export_checkpoint(
             raise
         except Exception as e:  # safetensors reports write failures (a full disk) as its own error
             raise ExportError(f'cannot write {tmp}: {type(e).__name__}: {e}') from e
-        _check_folder(tmp)
         card = model_card(
             model=model, model_name=model_name, model_args=json.loads((tmp / 'config.json').read_text())['model_args'],
-            checkpoint=ckpt, run=run, data_config=data_config, measured_config=measured, label_names=label_names,
+            checkpoint=ckpt, data_config=data_config, measured_config=measured, label_names=label_names,
             dataset=dataset, title=repo_id.split('/')[-1] if repo_id else out_dir.name, repo_id=repo_id,
             license=license, install=install)
         (tmp / 'README.md').write_text(card, encoding='utf-8')
-        umask = os.umask(0o22)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the files are for publishing
-        if verify:
-            _verify_reload(model, tmp, data_config, label_names)
+        _verify(model, tmp, data_config, label_names)
         staged.commit()
     return out_dir
 
@@ -310,17 +267,11 @@ def push_checkpoint(
     with tempfile.TemporaryDirectory(prefix='timm-gsop-push-') as tmp:
         folder = export_checkpoint(checkpoint, Path(tmp) / repo_id.split('/')[-1], model_name, model_kwargs,
                                    repo_id=repo_id, verbose=verbose, **export_options)
-        config = json.loads((folder / 'config.json').read_text())
-        args = config.get('model_args', {})
-        message = commit_message or (
-            f'Add {config["architecture"]} weights (attn_mode={args.get("attn_mode")}, '
-            f'attn_dim={args.get("attn_dim")}, num_classes={config.get("num_classes")})')
         api = HfApi()
-        repo_id = getattr(api.create_repo(repo_id, repo_type='model', private=private, exist_ok=True), 'repo_id',
-                          None) or repo_id
+        repo_id = api.create_repo(repo_id, repo_type='model', private=private, exist_ok=True).repo_id
         if revision and revision != 'main':
             api.create_branch(repo_id, branch=revision, repo_type='model', exist_ok=True)
         reporter.progress(f'uploading to {repo_id}' + (f'@{revision}' if revision else ''))
-        info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type='model', revision=revision,
-                                 create_pr=create_pr, commit_message=message, ignore_patterns=[MANIFEST])
-    return info
+        return api.upload_folder(
+            repo_id=repo_id, folder_path=str(folder), repo_type='model', revision=revision, create_pr=create_pr,
+            commit_message=commit_message or f'Add {model_name or "GSoP-Net"} weights', ignore_patterns=[MANIFEST])
