@@ -69,7 +69,11 @@ def check_gate_product_op_uses_triton():
 
 
 def check_model_switch():
-    # The whole model with the Triton gate product (the other ops' kernels where present) against eager.
+    # The whole model (training mode: batch statistics; stage 1 reduces every second pixel) on the three Triton
+    # kernels against the eager ops.
+    probe = torch.empty(1)
+    for name in ('triton_relu_reduce', 'triton_bn_relu_cov', 'triton_gate'):
+        assert fused_ops._kernels(name, probe) is not None, name
     results = []
     for fused in (False, True):
         set_fused_gsop(fused)
