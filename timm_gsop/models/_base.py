@@ -18,7 +18,7 @@ from timm.models import checkpoint_seq
 from timm.models._features import feature_take_indices
 
 from ..layers import ATTN_MODES, GSoPAttn, IsqrtCovPool
-from ._checkpoint import check_finite, check_state_dict_fits, convert_official_state_dict, is_official_state_dict
+from ._checkpoint import check_finite, check_state_dict_fits, convert_official_state_dict
 
 __all__ = ['GSoPNet', 'GSoPBottleneckBase', 'make_blocks', 'create_head', 'check_input_size', 'GLOBAL_POOLS']
 
@@ -286,8 +286,7 @@ class GSoPNet(nn.Module):
         says what to pass; nothing is loaded then. ``create_model(checkpoint_path=...)`` and train.py's
         ``--initial-checkpoint`` / ``--resume`` load through here.
         """
-        if is_official_state_dict(state_dict):
-            state_dict = convert_official_state_dict(state_dict)
+        state_dict = convert_official_state_dict(state_dict)
         check_finite(state_dict, self)
         if strict:
             check_state_dict_fits(state_dict, self)

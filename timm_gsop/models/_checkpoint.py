@@ -1,9 +1,8 @@
-"""Checkpoints of GSoP-Nets: reading a file, the official GSoP names, what a state dict says about its
-architecture, and the error that sets it beside the model's.
+"""Checkpoints of GSoP-Nets: reading a file, the official GSoP names, and the error that sets a
+checkpoint's architecture beside the model's.
 
-timm's pretrained loader (``pretrained_cfg_overlay=dict(file=...)``, ``local-dir:``, ``hf-hub:``) goes
-through ``checkpoint_filter_fn``; it, ``create_model(checkpoint_path=...)`` and train.py end in
-``GSoPNet.load_state_dict`` (``_base.py``). The export and the launcher read files with
+timm's pretrained loader ends in ``checkpoint_filter_fn``; it, ``create_model(checkpoint_path=...)``
+and train.py end in ``GSoPNet.load_state_dict``. The export and the launcher read files with
 ``load_checkpoint_file`` and explain a mismatch in their flags (``check_state_dict_fits(..., cli=True)``).
 """
 import argparse
@@ -22,8 +21,8 @@ from timm.models import build_model_with_cfg, clean_state_dict, resolve_pretrain
 
 __all__ = [
     'CheckpointError', 'StateDictArch', 'inspect_state_dict', 'check_finite', 'check_state_dict_fits',
-    'check_checkpoint_path', 'load_checkpoint_file', 'state_dict_from_checkpoint', 'checkpoint_filter_fn',
-    'convert_official_state_dict', 'is_official_state_dict', 'create_gsop_model',
+    'load_checkpoint_file', 'state_dict_from_checkpoint', 'checkpoint_filter_fn',
+    'convert_official_state_dict', 'create_gsop_model',
 ]
 
 
@@ -32,8 +31,8 @@ class CheckpointError(ValueError, RuntimeError):
     says what to do. A RuntimeError too, as what torch's ``load_state_dict`` raises."""
 
 
-# Official parameter names -> ours: inside a stage's bottleneck (layerN.i.NAME.*), and Net2's head (NAME.*).
-_OFFICIAL_BLOCK_NAMES = {
+# Official module names -> ours: inside a stage's bottleneck (layerN.i.NAME.*) or, for Net2's head, at the top.
+_OFFICIAL_NAMES = {
     'conv_for_DR': 'attn.channel_gate.conv_reduce',
     'bn_for_DR': 'attn.channel_gate.bn_reduce',
     'row_bn': 'attn.channel_gate.row_bn',
@@ -47,56 +46,47 @@ _OFFICIAL_BLOCK_NAMES = {
     'dilate_conv_for_concat1': 'attn.fuse_channel',
     'dilate_conv_for_concat2': 'attn.fuse_position',
     'bn_for_concat': 'attn.fuse_bn',
+    'layer_reduce': 'global_pool.conv_reduce',
+    'layer_reduce_bn': 'global_pool.bn',
 }
-_OFFICIAL_HEAD_NAMES = {'layer_reduce': 'global_pool.conv_reduce', 'layer_reduce_bn': 'global_pool.bn'}
-_OFFICIAL_BLOCK_KEY = re.compile(r'^(layer\d+\.\d+)\.([^.]+)\.(.+)$')
-_OFFICIAL_MARKERS = ('conv_for_DR', 'row_conv_group', 'layer_reduce', 'dilate_conv_for_concat', 'fc_adapt_channels')
+_OFFICIAL_KEY = re.compile(r'^(layer\d+\.\d+\.)?([^.]+)(\..+)$')
 
 
 def _official_to_ours(key: str) -> str:
-    m = _OFFICIAL_BLOCK_KEY.match(key)
-    if m and m.group(2) in _OFFICIAL_BLOCK_NAMES:
-        return f'{m.group(1)}.{_OFFICIAL_BLOCK_NAMES[m.group(2)]}.{m.group(3)}'
-    module, _, rest = key.partition('.')
-    return f'{_OFFICIAL_HEAD_NAMES[module]}.{rest}' if module in _OFFICIAL_HEAD_NAMES else key
+    m = _OFFICIAL_KEY.match(key)
+    return f'{m[1] or ""}{_OFFICIAL_NAMES[m[2]]}{m[3]}' if m and m[2] in _OFFICIAL_NAMES else key
 
 
-def is_official_state_dict(state_dict: Mapping[str, Any]) -> bool:
-    """True for a state dict of the official GSoP code (its attention or Net2 head parameter names)."""
-    return any(isinstance(k, str) and marker in k for k in state_dict for marker in _OFFICIAL_MARKERS)
-
-
-def convert_official_state_dict(state_dict: Mapping[str, Tensor]) -> Dict[str, Tensor]:
-    """An official GSoP checkpoint's parameters (``module.`` prefix allowed) in our names.
+def convert_official_state_dict(state_dict: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
+    """A state dict of the official GSoP code (``module.`` prefix allowed) in our names; any other is
+    returned as it is. Keys that are not names are a CheckpointError.
 
     The official code ran on PyTorch 0.4.0, whose BatchNorm had no ``num_batches_tracked``: missing
     counters are added as zeros."""
-    out = {_official_to_ours(k[len('module.'):] if k.startswith('module.') else k): v for k, v in state_dict.items()}
+    bad = next((k for k in state_dict if not isinstance(k, str)), None)
+    if bad is not None:
+        raise CheckpointError(f'the state dict has a key {bad!r} of type {type(bad).__name__}: a state dict '
+                              f'maps parameter names (strings) to tensors')
+    cleaned = clean_state_dict(state_dict)
+    out = {_official_to_ours(k): v for k, v in cleaned.items()}
+    if list(out) == list(cleaned):  # no official name
+        return state_dict
     for k in list(out):
         if k.endswith('.running_mean'):
             out.setdefault(k[:-len('running_mean')] + 'num_batches_tracked', torch.tensor(0, dtype=torch.long))
     return out
 
 
-def check_checkpoint_path(path: Any) -> None:
-    """A one-line CheckpointError unless ``path`` is a non-empty file (timm's loaders raise an empty
-    FileNotFoundError or EOFError)."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        raise CheckpointError(f'checkpoint not found: {path}') from None
-    except OSError as e:  # a symlink loop, a name too long, no permission
-        raise CheckpointError(f'cannot open checkpoint {path}: {e.strerror or e}') from None
-    if not stat.S_ISREG(st.st_mode):
-        raise CheckpointError(f'checkpoint is not a file: {path}')
-    if st.st_size == 0:
-        raise CheckpointError(f'checkpoint is empty (0 bytes): {path}')
-
-
 def load_checkpoint_file(path: Any) -> Any:
     """A checkpoint file's content: ``torch.load(weights_only=True)`` (train.py's ``argparse.Namespace``
     args allowed, nothing else pickled), or a ``.safetensors`` file. Errors are one-line CheckpointErrors."""
-    check_checkpoint_path(path)
+    try:
+        st = os.stat(path)
+    except OSError as e:  # missing, a symlink loop, a name too long, no permission
+        reason = 'not found' if isinstance(e, FileNotFoundError) else f'unreadable ({e.strerror or e})'
+        raise CheckpointError(f'checkpoint {reason}: {path}') from None
+    if not stat.S_ISREG(st.st_mode) or st.st_size == 0:
+        raise CheckpointError(f'checkpoint {"is not a file" if st.st_size else "is empty (0 bytes)"}: {path}')
     try:
         if str(path).endswith('.safetensors'):
             import safetensors.torch
@@ -111,44 +101,27 @@ def load_checkpoint_file(path: Any) -> Any:
             f'containers are refused).') from None
 
 
-# Where a checkpoint keeps its weights, in timm's ``load_state_dict`` order (EMA weights first).
-_STATE_DICT_KEYS = ('state_dict_ema', 'model_ema', 'state_dict', 'model')
-
-
-def _check_names(state_dict: Mapping[Any, Any]) -> None:
-    for k in state_dict:
-        if not isinstance(k, str):
-            raise CheckpointError(f'the state dict has a key {k!r} of type {type(k).__name__}: a state dict '
-                                  f'maps parameter names (strings) to tensors')
-
-
 def state_dict_from_checkpoint(checkpoint: Any) -> Tuple[str, Dict[str, Tensor]]:
     """(entry, state dict) of a loaded checkpoint, wrapper prefixes removed and official names converted.
 
-    The entry is where the weights were found ('state_dict_ema', ..., or '' for a bare state dict). A
-    checkpoint without tensors, with keys that are not names, or with an ``epoch`` that is not a count
-    is a CheckpointError."""
+    The entry is where the weights were found, in timm's order (EMA weights first; '' for a bare state
+    dict). A checkpoint without tensors, with keys that are not names, or with an ``epoch`` that is not
+    a count is a CheckpointError."""
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f'the checkpoint holds a {type(checkpoint).__name__}, not a dict of weights')
-    source = next((k for k in _STATE_DICT_KEYS if isinstance(checkpoint.get(k), dict) and checkpoint[k]), '')
+    entries = ('state_dict_ema', 'model_ema', 'state_dict', 'model')
+    source = next((k for k in entries if isinstance(checkpoint.get(k), dict) and checkpoint[k]), '')
     state_dict = checkpoint[source] if source else checkpoint
-    _check_names(state_dict)
     bad = next((k for k, v in state_dict.items() if not isinstance(v, Tensor)), None)
     if not state_dict or bad is not None:
         raise CheckpointError(
             f'the checkpoint holds no state dict: expected tensors under "state_dict_ema", "state_dict" or at '
-            f'the top level, found {f"{bad!r}: {type(state_dict[bad]).__name__}" if bad else "nothing"}')
+            f'the top level, found {"nothing" if bad is None else f"{bad!r}: {type(state_dict[bad]).__name__}"}')
     epoch = checkpoint.get('epoch') if source else None
     if epoch is not None and (isinstance(epoch, bool) or not isinstance(epoch, (int, float))
                               or not math.isfinite(epoch) or epoch < 0):
         raise CheckpointError(f'the checkpoint says epoch {epoch!r}, not a count of epochs: the file is damaged')
-    state_dict = clean_state_dict(state_dict)
-    return source, convert_official_state_dict(state_dict) if is_official_state_dict(state_dict) else state_dict
-
-
-_BLOCK_KEY = re.compile(r'^layer(\d+)\.(\d+)\.')
-# Blocks per stage of the registered variants (gsop_* and gsop2_*): the mismatch error names the one that fits.
-_VARIANT_LAYERS = {(3, 4, 6, 3): 'resnet50', (3, 4, 23, 3): 'resnet101', (18, 18, 18): 'resnet164_cifar'}
+    return source, clean_state_dict(convert_official_state_dict(state_dict))
 
 
 @dataclass(frozen=True)
@@ -190,8 +163,8 @@ class StateDictArch:
             return 'not a GSoP-Net/ResNet state dict (no layer1.* keys)'
         stages = ', '.join(str(i + 1) for i, on in enumerate(self.attn_stages) if on)
         return (f'layers={self.layers}, attn_mode={self.attn_mode or " or ".join(self.attn_modes)!r}, '
-                f'attn_dim={self.attn_dim}, num_classes={self.num_classes} ({self.net}'
-                + (f', GSoP blocks in stages {stages}' if stages else ', no GSoP blocks')
+                f'attn_dim={self.attn_dim}, num_classes={self.num_classes} ({self.net}, '
+                + (f'GSoP blocks in stages {stages}' if stages else 'no GSoP blocks')
                 + (f', iSQRT-COV head cov_dim={self.cov_dim}' if self.isqrt_head else '')
                 + (', pre-activation CIFAR ResNet)' if self.preact else ')'))
 
@@ -201,76 +174,76 @@ def inspect_state_dict(state_dict: Mapping[str, Any]) -> StateDictArch:
     blocks: Dict[int, int] = {}
     attn: Dict[int, bool] = {}
     for k in state_dict:
-        m = _BLOCK_KEY.match(k)
+        m = re.match(r'layer(\d+)\.(\d+)\.', k)
         if m:
-            stage, block = int(m.group(1)), int(m.group(2))
-            blocks[stage] = max(blocks.get(stage, 0), block + 1)
+            stage = int(m[1])
+            blocks[stage] = max(blocks.get(stage, 0), int(m[2]) + 1)
             attn[stage] = attn.get(stage, False) or '.attn.' in k
-    has_c = any('.attn.channel_gate.' in k for k in state_dict)
-    has_p = any('.attn.position_gate.' in k for k in state_dict)
+    gates = tuple(g for g in ('channel', 'position') if any(f'.attn.{g}_gate.' in k for k in state_dict))
     if any('.attn.fuse_' in k for k in state_dict):
-        modes: Tuple[str, ...] = ('fusion_concat',)
-    elif has_c and has_p:
+        modes = ('fusion_concat',)
+    elif len(gates) == 2:
         modes = ('fusion_avg', 'fusion_max')  # same parameters: the keys cannot tell them apart
     else:
-        modes = ('channel',) if has_c else ('position',) if has_p else ('none',)
+        modes = gates or ('none',)
 
-    def shape(suffix: str, exact: bool = True) -> Optional[Tuple[int, ...]]:
-        return next((tuple(v.shape) for k, v in state_dict.items() if (k == suffix if exact else k.endswith(suffix))),
-                    None)
+    def dim(key: str, i: int = 0, suffix: bool = False) -> Optional[int]:
+        shape = next((v.shape for k, v in state_dict.items() if (k.endswith(key) if suffix else k == key)), None)
+        return shape[i] if shape is not None and len(shape) > i else None
 
-    reduce = shape('_gate.conv_reduce.weight', exact=False)
-    position_bn = shape('.attn.position_gate.row_bn.weight', exact=False)
-    head, fc, conv1 = shape('global_pool.conv_reduce.weight'), shape('fc.weight'), shape('conv1.weight')
-    stages = sorted(blocks)
     return StateDictArch(
-        layers=tuple(blocks[s] for s in stages), attn_stages=tuple(attn[s] for s in stages), attn_modes=modes,
-        attn_dim=reduce[0] if reduce else None, position_cov=position_bn[0] if position_bn else None,
-        isqrt_head=head is not None, cov_dim=head[0] if head else None, head_in=head[1] if head else None,
-        num_classes=fc[0] if fc else 0, in_chans=conv1[1] if conv1 and len(conv1) == 4 else None,
-        preact='norm.weight' in state_dict and 'bn1.weight' not in state_dict)
+        layers=tuple(blocks[s] for s in sorted(blocks)), attn_stages=tuple(attn[s] for s in sorted(blocks)),
+        attn_modes=modes, attn_dim=dim('_gate.conv_reduce.weight', suffix=True),
+        position_cov=dim('.attn.position_gate.row_bn.weight', suffix=True),
+        isqrt_head='global_pool.conv_reduce.weight' in state_dict, cov_dim=dim('global_pool.conv_reduce.weight'),
+        head_in=dim('global_pool.conv_reduce.weight', 1), num_classes=dim('fc.weight') or 0,
+        in_chans=dim('conv1.weight', 1), preact='norm.weight' in state_dict and 'bn1.weight' not in state_dict)
 
 
 def check_finite(state_dict: Mapping[str, Any], model: Optional[nn.Module] = None) -> None:
     """Raise a CheckpointError naming the tensors (real or complex) that hold NaN or inf, as stored or, for
     ``model``'s parameters, once cast to its dtype (float64 1e300 is inf in a float32 model)."""
-    _check_names(state_dict)
     target = model.state_dict() if model is not None else {}
     bad = []
     for k, v in state_dict.items():
         if not isinstance(v, Tensor) or v.is_meta or not (v.is_floating_point() or v.is_complex()):
             continue
         own = target.get(k)
-        if own is not None and own.is_floating_point() and v.is_floating_point() and own.dtype != v.dtype:
+        if own is not None and own.is_floating_point() and v.is_floating_point():
             v = v.to(own.dtype)
-        # One sum is NaN or inf when any value is, and far cheaper than isfinite's mask; only a non-finite
+        # A sum is NaN or inf when any value is, and far cheaper than isfinite's mask; only a non-finite
         # (or overflowing) sum needs the exact test.
         if not (bool(torch.isfinite(v.sum())) or bool(torch.isfinite(v).all())):
             bad.append(k)
     if bad:
+        cast = ', or too large for the model dtype' if model is not None else ''
         raise CheckpointError(
-            f'The checkpoint holds non-finite values (NaN or inf{", or too large for the model dtype" if model else ""})'
-            f' in {len(bad)} tensor(s): {_show(bad)}. Such weights give NaN outputs; the training diverged or the '
-            f'file is damaged: use another checkpoint.')
+            f'The checkpoint holds non-finite values (NaN or inf{cast}) in {len(bad)} tensor(s): {_show(bad)}. '
+            f'Such weights give NaN outputs; the training diverged or the file is damaged: use another checkpoint.')
 
 
-def _show(items, n: int = 8) -> str:
+def _show(items: Sequence[str], n: int = 8) -> str:
     return ', '.join(items[:n]) + (f' ... ({len(items)} in all)' if len(items) > n else '') if items else 'none'
 
 
-def _call(name: str, kwargs: Dict[str, Any], cli: bool, pretrained_path: Optional[str] = None) -> str:
-    """The model's creation: timm.create_model keywords, or train.py/validate.py flags (``name`` '': unchanged)."""
+def _call(name: str, kwargs: Dict[str, Any], cli: bool, path: Optional[str] = None) -> str:
+    """Creating the model: timm.create_model keywords, or train.py/validate.py flags (``name`` '': unchanged);
+    with ``path``, as pretrained weights from that file."""
     if not cli:
-        args = [repr(name)] + (['pretrained=True', f'pretrained_cfg_overlay=dict(file={pretrained_path!r})']
-                               if pretrained_path else [])
+        args = [repr(name)] + (['pretrained=True', f'pretrained_cfg_overlay=dict(file={path!r})'] if path else [])
         return f'timm.create_model({", ".join(args + [f"{k}={v!r}" for k, v in kwargs.items()])}, ...)'
     flags = [f'--model {name}'] if name else []
-    if pretrained_path:
-        flags.append(f'--pretrained --pretrained-path {shlex.quote(pretrained_path)}')
-    rest = {k: v for k, v in kwargs.items() if k not in ('num_classes', 'in_chans')}
+    if path:
+        flags.append(f'--pretrained --pretrained-path {shlex.quote(path)}')
+    rest = [f'{k}={v}'.replace(', ', ',') for k, v in kwargs.items() if k not in ('num_classes', 'in_chans')]
     if rest:  # train.py reads each value with ast.literal_eval; a tuple without spaces is one shell word
-        flags.append('--model-kwargs ' + ' '.join(shlex.quote(f'{k}={v}'.replace(', ', ',')) for k, v in rest.items()))
-    return ' '.join(flags + [f'--{k.replace("_", "-")} {kwargs[k]}' for k in ('num_classes', 'in_chans') if k in kwargs])
+        flags.append('--model-kwargs ' + ' '.join(map(shlex.quote, rest)))
+    flags += [f'--{k.replace("_", "-")} {kwargs[k]}' for k in ('num_classes', 'in_chans') if k in kwargs]
+    return ' '.join(flags)
+
+
+# Blocks per stage of the registered variants (gsop_* and gsop2_*): the mismatch error names the one that fits.
+_VARIANT_LAYERS = {(3, 4, 6, 3): 'resnet50', (3, 4, 23, 3): 'resnet101', (18, 18, 18): 'resnet164_cifar'}
 
 
 def _how_to_fit(ckpt: StateDictArch, model: StateDictArch, model_name: str, check_classifier: bool, cli: bool,
@@ -285,8 +258,8 @@ def _how_to_fit(ckpt: StateDictArch, model: StateDictArch, model_name: str, chec
             variant = 'resnet164_cifar' if ckpt.preact else 'resnet50'
             kwargs['layers'] = ckpt.layers
         name = f'gsop{"2" if ckpt.isqrt_head else ""}_{variant}'
-    n = len(ckpt.layers)
-    if 'none' not in ckpt.attn_modes and ckpt.attn_stages != (True,) * (n - ckpt.isqrt_head) + (False,) * ckpt.isqrt_head:
+    default_stages = (True,) * (len(ckpt.layers) - ckpt.isqrt_head) + (False,) * ckpt.isqrt_head
+    if 'none' not in ckpt.attn_modes and ckpt.attn_stages != default_stages:
         kwargs['attn_stages'] = ckpt.attn_stages
     if not set(model.attn_modes) & set(ckpt.attn_modes):
         kwargs['attn_mode'] = ckpt.attn_modes[0]
@@ -302,7 +275,7 @@ def _how_to_fit(ckpt: StateDictArch, model: StateDictArch, model_name: str, chec
     if 'num_classes' in kwargs:
         tune = dict(kwargs, num_classes=model.num_classes)
         text += (f'; or, to fine-tune it for {model.num_classes} classes, load it as pretrained weights: '
-                 f'{_call(shown, tune, cli, pretrained_path=path or "PATH")}')
+                 f'{_call(shown, tune, cli, path=path or "PATH")}')
     return text
 
 
@@ -311,11 +284,10 @@ def check_state_dict_fits(state_dict: Mapping[str, Any], model: nn.Module, check
                           ignore: Sequence[str] = ()) -> None:
     """Raise a CheckpointError when ``state_dict`` does not load strictly into ``model``.
 
-    The message sets the checkpoint's architecture (layers, attn_mode, attn_dim, num_classes) beside the
-    model's and says what to pass: ``timm.create_model`` keywords, or with ``cli`` train.py/validate.py and
-    export flags (``--model``, ``--model-kwargs``, ``--num-classes``); for other classes also how to
-    fine-tune from it (``path``: the checkpoint's file). ``check_classifier=False`` leaves out ``fc.*``,
-    ``ignore`` other keys."""
+    The message sets the checkpoint's architecture beside the model's and says what to pass, as
+    ``timm.create_model`` keywords or, with ``cli``, as train.py/validate.py/export flags; for other
+    classes also how to fine-tune from it (``path``: the checkpoint's file). ``check_classifier=False``
+    leaves out ``fc.*``, ``ignore`` other keys."""
     target = model.state_dict()
     skip = tuple(ignore) + (() if check_classifier else ('fc.weight', 'fc.bias'))
     # PyTorch 0.4 checkpoints have no BN step counters; they do not change outputs and torch fills them in.
@@ -344,14 +316,13 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: nn.Module) -> Dict[s
 
     A classifier of other classes than the model's is replaced by the model's new one (fine-tuning)."""
     _, state_dict = state_dict_from_checkpoint(state_dict)
-    stem, own_stem = state_dict.get('conv1.weight'), model.state_dict().get('conv1.weight')
-    # timm adapts the stem to other in_chans after the filter
-    adapted = stem is not None and own_stem is not None and stem.shape[1] != own_stem.shape[1] and (
-        stem.shape[:1] + stem.shape[2:] == own_stem.shape[:1] + own_stem.shape[2:])
+    own = model.state_dict()
+    # timm adapts a stem of other input channels after this filter
+    adapted = getattr(model, 'in_chans', 3) != 3
     check_state_dict_fits(state_dict, model, check_classifier=False, ignore=('conv1.weight',) if adapted else ())
-    own = {k: v for k, v in model.state_dict().items() if k.startswith('fc.')}
     if any(k not in own or v.shape != own[k].shape for k, v in state_dict.items() if k.startswith('fc.')):
-        state_dict = dict({k: v for k, v in state_dict.items() if not k.startswith('fc.')}, **own)
+        state_dict = dict({k: v for k, v in state_dict.items() if not k.startswith('fc.')},
+                          **{k: v for k, v in own.items() if k.startswith('fc.')})
     return state_dict
 
 
@@ -359,23 +330,28 @@ def create_gsop_model(model_cls: Type[nn.Module], variant: str, pretrained: bool
                       feature_cfg: Optional[Dict[str, Any]] = None, **kwargs) -> nn.Module:
     """``build_model_with_cfg`` for the GSoP family, with the checkpoint filter.
 
-    No weights are published: ``pretrained=True`` needs a file (``pretrained_cfg_overlay=dict(file=...)``,
-    checked to exist before the model is built) or an exported folder (``local-dir:``, ``hf-hub:``). A
-    file keeps its classifier when it has the requested ``num_classes`` (timm would compare with the
-    architecture's 1000 and replace it); with other classes the model gets a new one."""
+    No weights are published: ``pretrained=True`` needs a file (``pretrained_cfg_overlay=dict(file=...)``)
+    or an exported folder (``local-dir:``, ``hf-hub:``). A file keeps its classifier when it has the
+    requested ``num_classes`` (timm would compare with the architecture's 1000 and replace it); with
+    other classes the model gets a new one."""
+    cfg = None
     if pretrained:
         overlay = dict(kwargs.get('pretrained_cfg_overlay') or {})
-        cfg = resolve_pretrained_cfg(variant, pretrained_cfg=kwargs.get('pretrained_cfg'), pretrained_cfg_overlay=overlay)
+        cfg = resolve_pretrained_cfg(
+            variant, pretrained_cfg=kwargs.get('pretrained_cfg'), pretrained_cfg_overlay=overlay)
         if not (cfg.url or cfg.file or cfg.hf_hub_id or cfg.state_dict or cfg.source in ('hf-hub', 'local-dir')):
             raise RuntimeError(
                 f'No pretrained weights are published for {variant}. Load a checkpoint file with '
                 f"timm.create_model('{variant}', pretrained=True, pretrained_cfg_overlay=dict(file='PATH')) "
                 f"(timm or official GSoP checkpoints), checkpoint_path='PATH', or an exported folder with "
                 f"timm.create_model('local-dir:FOLDER', pretrained=True).")
-        if cfg.source not in ('hf-hub', 'local-dir'):  # a folder's config.json gives its classes
-            if cfg.file and not cfg.state_dict:
-                check_checkpoint_path(cfg.file)
-            if 'num_classes' in kwargs and 'num_classes' not in overlay:
-                kwargs['pretrained_cfg_overlay'] = dict(overlay, num_classes=kwargs['num_classes'])
-    return build_model_with_cfg(
-        model_cls, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, feature_cfg=feature_cfg, **kwargs)
+        # a folder's config.json gives its classes
+        if cfg.source not in ('hf-hub', 'local-dir') and 'num_classes' in kwargs and 'num_classes' not in overlay:
+            kwargs['pretrained_cfg_overlay'] = dict(overlay, num_classes=kwargs['num_classes'])
+    try:
+        return build_model_with_cfg(model_cls, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+                                    feature_cfg=feature_cfg, **kwargs)
+    except (OSError, EOFError):  # timm's loader says FileNotFoundError() or EOFError(), with no message
+        if cfg is not None and cfg.file and not cfg.state_dict:
+            load_checkpoint_file(cfg.file)  # raises the reason
+        raise
