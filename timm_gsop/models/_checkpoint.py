@@ -22,7 +22,7 @@ from timm.models import build_model_with_cfg, clean_state_dict, resolve_pretrain
 __all__ = [
     'CheckpointError', 'StateDictArch', 'inspect_state_dict', 'check_finite', 'check_state_dict_fits',
     'load_checkpoint_file', 'state_dict_from_checkpoint', 'checkpoint_filter_fn',
-    'convert_official_state_dict', 'create_gsop_model',
+    'convert_official_state_dict', 'is_official_state_dict', 'create_gsop_model',
 ]
 
 
@@ -55,6 +55,11 @@ _OFFICIAL_KEY = re.compile(r'^(layer\d+\.\d+\.)?([^.]+)(\..+)$')
 def _official_to_ours(key: str) -> str:
     m = _OFFICIAL_KEY.match(key)
     return f'{m[1] or ""}{_OFFICIAL_NAMES[m[2]]}{m[3]}' if m and m[2] in _OFFICIAL_NAMES else key
+
+
+def is_official_state_dict(state_dict: Mapping[str, Any]) -> bool:
+    """Whether ``state_dict`` has the official GSoP code's parameter names."""
+    return any(isinstance(k, str) and _official_to_ours(k) != k for k in clean_state_dict(state_dict))
 
 
 def convert_official_state_dict(state_dict: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
