@@ -26,7 +26,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import wrap_triton
+
+from ._triton import wrap_triton
 
 __all__ = ['channel_stats', 'bn_relu_cov_fwd', 'bn_relu_cov_bwd']
 

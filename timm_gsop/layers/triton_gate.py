@@ -14,7 +14,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import wrap_triton
+
+from ._triton import wrap_triton
 
 __all__ = ['gate_product_fwd', 'gate_product_bwd']
 

@@ -22,11 +22,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-try:
-    from torch.library import wrap_triton
-except ImportError:  # torch < 2.6: launch directly (no triton_op to trace into)
-    def wrap_triton(kernel):
-        return kernel
+from ._triton import wrap_triton
 
 __all__ = ['relu_reduce_fwd', 'relu_reduce_bwd_']
 
