@@ -35,7 +35,7 @@ def resolve_attn_mode(attn_mode: Optional[str]) -> Optional[str]:
     if attn_mode not in ATTN_MODES:
         raise ValueError(
             f"Unknown GSoP attn_mode {attn_mode!r}; valid: {', '.join(map(repr, ATTN_MODES))}, "
-            f"or 'none' / None for no GSoP block.")
+            f"or 'none' for the backbone without GSoP blocks.")
     return attn_mode
 
 

@@ -17,7 +17,7 @@ from timm.layers import (
 from timm.models import checkpoint_seq
 from timm.models._features import feature_take_indices
 
-from ..layers import ATTN_MODES, GSoPAttn, IsqrtCovPool
+from ..layers import GSoPAttn, IsqrtCovPool, resolve_attn_mode
 from ._checkpoint import check_finite, check_state_dict_fits, convert_official_state_dict
 
 __all__ = ['GSoPNet', 'GSoPBottleneckBase', 'make_blocks', 'create_head', 'check_input_size', 'GLOBAL_POOLS']
@@ -45,10 +45,7 @@ def check_attn_mode(attn_mode: Any) -> str:
     if attn_mode is None:  # timm.create_model drops None arguments: None there would silently mean 'channel'
         raise ValueError("attn_mode=None: pass attn_mode='none' for the backbone without GSoP blocks "
                          "(timm.create_model drops None arguments, which keeps the default 'channel').")
-    if attn_mode != 'none' and attn_mode not in ATTN_MODES:
-        raise ValueError(f"Unknown GSoP attn_mode {attn_mode!r}; valid: {', '.join(map(repr, ATTN_MODES))}, "
-                         f"or 'none' for the backbone without GSoP blocks.")
-    return attn_mode
+    return resolve_attn_mode(attn_mode) or 'none'
 
 
 def resolve_layer(name: str, value: Any, get_layer: Callable[[Any], Any], names: str) -> Callable[..., nn.Module]:
