@@ -10,6 +10,8 @@ import timm_gsop  # noqa: F401  registers the models
 from timm.models._manipulate import reinit_non_persistent_buffers
 from timm_gsop.layers import ATTN_MODES, GSoPAttn, IsqrtCovPool
 
+from checks import assert_hooks_fire_on_every_module_with_parameters
+
 TINY = dict(layers=(1, 1, 1, 1), attn_dim=16)
 TINY_CIFAR = dict(layers=(1, 1, 1), attn_dim=8)
 # (model name, small kwargs, input size): every class, Net1 and Net2.
@@ -77,15 +79,7 @@ def test_gsop_layer_takes_act_and_norm_by_name():
 def test_forward_hooks_fire_on_every_module_with_parameters(name, kwargs, size, mode):
     # What hooks, module swaps, pruning and quantisation tools rely on: the registered graph is the one that runs.
     model = timm.create_model(name, attn_mode=mode, **kwargs)
-    with_params = {n for n, m in model.named_modules() if any(True for _ in m.parameters(recurse=False))}
-    fired = set()
-    for n, m in model.named_modules():
-        if n in with_params:
-            m.register_forward_hook(lambda mod, args, out, n=n: fired.add(n))
-    for train in (True, False):
-        fired.clear()
-        model.train(train)(torch.randn(2, 3, size, size))
-        assert fired == with_params, sorted(with_params - fired)
+    with_params = assert_hooks_fire_on_every_module_with_parameters(model, size)
     assert any('row_conv' in n for n in with_params) and any('conv_reduce' in n for n in with_params)
 
 

@@ -18,6 +18,8 @@ from timm_gsop.layers import ATTN_MODES, GSoPAttn, set_fused_gsop, use_fused_gso
 from timm_gsop.layers import fused_ops
 from timm_gsop.layers.gsop import BatchNormReluCov2d, ReluConv2d
 
+from checks import assert_hooks_fire_on_every_module_with_parameters
+
 TINY = dict(layers=(1, 1, 1, 1), attn_dim=16, num_classes=10)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -194,15 +196,7 @@ def test_fused_parts_replace_the_channel_gate_modules_only(fused):
 @pytest.mark.parametrize('mode', ['channel', 'fusion_max'])
 def test_hooks_fire_with_the_switch_on(fused, mode):
     model = timm.create_model('gsop_resnet50', attn_mode=mode, **TINY)
-    with_params = {n for n, m in model.named_modules() if any(True for _ in m.parameters(recurse=False))}
-    fired = set()
-    for n, m in model.named_modules():
-        if n in with_params:
-            m.register_forward_hook(lambda mod, args, out, n=n: fired.add(n))
-    for train in (True, False):
-        fired.clear()
-        model.train(train)(torch.randn(2, 3, 64, 64))
-        assert fired == with_params, sorted(with_params - fired)
+    assert_hooks_fire_on_every_module_with_parameters(model, 64)
 
 
 def test_a_swapped_batch_norm_falls_back_to_the_eager_ops(fused):

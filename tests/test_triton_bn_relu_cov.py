@@ -4,7 +4,6 @@ TRITON_INTERPRET must be set before ``triton`` is first imported, and other test
 earlier in this process: every case runs in one child process started with the interpreter on (this
 file, run as a script), which reports each case's errors as JSON; the tests here assert on them.
 """
-import importlib.metadata
 import importlib.util
 import json
 import os
@@ -17,19 +16,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from checks import interpreter_case_ids
+
 pytestmark = pytest.mark.skipif(importlib.util.find_spec('triton') is None, reason='needs triton')
 
 EPS = 1e-5
-
-# Triton 3.7's interpreter (torch 2.12's) cannot run float64 dot products; the GSoP ops keep float64 eager anyway.
-_FLOAT64_INTERPRETED = importlib.util.find_spec('triton') is not None and tuple(
-    int(v) for v in importlib.metadata.version('triton').split('.')[:2]) >= (3, 8)
-
-
-def _case_ids(cases):
-    return [pytest.param(c, marks=pytest.mark.skipif(
-        'f64' in c and not _FLOAT64_INTERPRETED, reason="Triton < 3.8's interpreter has no float64 dot product"))
-        for c in cases]
 # id: (batch, channels, H, W, dtype, channels_last, training, variant, launcher keywords)
 CASES = {
     'f32_nchw_d24_7x5_b3_train': (3, 24, 7, 5, 'float32', False, True, None, {}),
@@ -170,7 +161,7 @@ def test_worker_ran_under_the_interpreter():
     assert _results()['interpreter'] is True
 
 
-@pytest.mark.parametrize('case_id', _case_ids(CASES))
+@pytest.mark.parametrize('case_id', interpreter_case_ids(CASES))
 def test_kernels_match_float64_reference(case_id):
     report = _results()[case_id]
     assert 'error' not in report, report.get('error')

@@ -4,7 +4,6 @@
 this process may have imported it already. So one subprocess, started with the variable set, runs
 every case (this file as a script) and reports each one's errors; the tests here check them.
 """
-import importlib.metadata
 import importlib.util
 import json
 import os
@@ -16,17 +15,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from checks import interpreter_case_ids
+
 _MARKER = 'RELU_REDUCE_RESULTS '
-
-# Triton 3.7's interpreter (torch 2.12's) cannot run float64 dot products; the GSoP ops keep float64 eager anyway.
-_FLOAT64_INTERPRETED = importlib.util.find_spec('triton') is not None and tuple(
-    int(v) for v in importlib.metadata.version('triton').split('.')[:2]) >= (3, 8)
-
-
-def _case_ids(cases):
-    return [pytest.param(c, marks=pytest.mark.skipif(
-        'f64' in c and not _FLOAT64_INTERPRETED, reason="Triton < 3.8's interpreter has no float64 dot product"))
-        for c in cases]
 
 # id: (dtype, batch, channels, attn_dim, height, width, stride, layouts, bias); layouts name the memory
 # format of (x, grad_y, grad_x): 'cl' channels_last, 'nchw' contiguous. Blocks are 16 under the
@@ -228,7 +219,7 @@ def results(scripts):
     return _report(scripts['interpret'])
 
 
-@pytest.mark.parametrize('case_id', _case_ids(CASES))
+@pytest.mark.parametrize('case_id', interpreter_case_ids(CASES))
 def test_matches_eager(results, case_id):
     dtype_name, batch, channels, dim, height, width, stride, _, _ = CASES[case_id]
     res = results[case_id]
@@ -241,7 +232,7 @@ def test_matches_eager(results, case_id):
     assert res['dtypes'] == [f'torch.{dtype_name}', f'torch.{dtype_name}', acc, acc]
 
 
-@pytest.mark.parametrize('case_id', _case_ids(CASES))
+@pytest.mark.parametrize('case_id', interpreter_case_ids(CASES))
 def test_grad_x_added_in_place_only_where_relu_passes(results, case_id):
     res = results[case_id]
     assert 'exception' not in res, res.get('exception')
