@@ -387,7 +387,7 @@ def test_push_without_login_stops_before_the_network(net1_run, monkeypatch, tmp_
 def test_error_missing_checkpoint(tmp_path, capsys):
     rc = cli.main(['export', str(tmp_path / 'nope.pth.tar'), str(tmp_path / 'out'), '--model', 'gsop_resnet50'])
     err = capsys.readouterr().err
-    assert rc == 1 and 'checkpoint not found' in err and 'nope.pth.tar' in err
+    assert rc == 1 and 'No such file or directory' in err and 'nope.pth.tar' in err
     assert not (tmp_path / 'out').exists()
 
 

@@ -253,8 +253,8 @@ def _unreadable(kind, tmp_path, demo):
     return path
 
 
-UNREADABLE = {'missing': 'checkpoint not found', 'folder': 'checkpoint is not a file',
-              'symlink loop': 'Too many levels of symbolic links', 'zero bytes': 'checkpoint is empty (0 bytes)',
+UNREADABLE = {'missing': 'No such file or directory', 'folder': 'Is a directory',
+              'symlink loop': 'Too many levels of symbolic links', 'zero bytes': 'EOFError. The file is corrupted',
               'integer key': "key 0 of type int", 'epoch nan': 'says epoch nan'}
 
 

@@ -14,13 +14,15 @@ from torch import Tensor, nn
 
 from timm.layers import (
     DropPath, LayerType, create_classifier, get_device_dtype, register_notrace_function)
-from timm.models import checkpoint_seq
+from timm.models import build_model_with_cfg, checkpoint_seq, resolve_pretrained_cfg
 from timm.models._features import feature_take_indices
 
 from ..layers import GSoPAttn, IsqrtCovPool, resolve_attn_mode
-from ._checkpoint import check_finite, check_state_dict_fits, convert_official_state_dict
+from ._checkpoint import (
+    check_finite, check_state_dict_fits, checkpoint_filter_fn, convert_official_state_dict, load_checkpoint_file)
 
-__all__ = ['GSoPNet', 'GSoPBottleneckBase', 'make_blocks', 'create_head', 'check_input_size', 'GLOBAL_POOLS']
+__all__ = ['GSoPNet', 'GSoPBottleneckBase', 'make_blocks', 'create_head', 'check_input_size', 'create_gsop_model',
+           'GLOBAL_POOLS']
 
 #: ``global_pool`` choices: timm's pools, 'isqrt' (iSQRT-COV, GSoP-Net2) and '' (no pooling).
 GLOBAL_POOLS = ('avg', 'max', 'avgmax', 'catavgmax', 'fast', 'fastavg', 'fastmax', 'fastavgmax', 'fastcatavgmax',
@@ -430,3 +432,28 @@ class GSoPNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))
+
+
+def create_gsop_model(model_cls: Type[nn.Module], variant: str, pretrained: bool = False,
+                      feature_cfg: Optional[Dict[str, Any]] = None, **kwargs) -> nn.Module:
+    """``build_model_with_cfg`` with the checkpoint filter. No weights are published: ``pretrained=True``
+    needs a file (``pretrained_cfg_overlay=dict(file=...)``) or a folder (``local-dir:``, ``hf-hub:``)."""
+    cfg = None
+    if pretrained:
+        overlay = dict(kwargs.get('pretrained_cfg_overlay') or {})
+        cfg = resolve_pretrained_cfg(variant, kwargs.get('pretrained_cfg'), overlay)
+        if not (cfg.url or cfg.file or cfg.hf_hub_id or cfg.state_dict or cfg.source in ('hf-hub', 'local-dir')):
+            raise RuntimeError(
+                f"No pretrained weights are published for {variant}: load a file with pretrained=True, "
+                f"pretrained_cfg_overlay=dict(file='PATH') (timm or official GSoP checkpoints) or checkpoint_path="
+                f"'PATH', or an exported folder with timm.create_model('local-dir:FOLDER', pretrained=True).")
+        if cfg.source not in ('hf-hub', 'local-dir') and 'num_classes' in kwargs and 'num_classes' not in overlay:
+            # a file keeps a classifier of the requested classes (timm compares with the cfg's 1000)
+            kwargs['pretrained_cfg_overlay'] = dict(overlay, num_classes=kwargs['num_classes'])
+    try:
+        return build_model_with_cfg(model_cls, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+                                    feature_cfg=feature_cfg, **kwargs)
+    except (OSError, EOFError):  # timm's loader says FileNotFoundError() or EOFError(), with no message
+        if cfg is not None and cfg.file and not cfg.state_dict:
+            load_checkpoint_file(cfg.file)  # raises the reason
+        raise

@@ -19,8 +19,7 @@ from timm.layers import LayerType, get_act_layer, get_norm_layer
 from timm.models import generate_default_cfgs, register_model
 from timm.models.resnet import downsample_conv
 
-from ._base import GSoPBottleneckBase, GSoPNet, make_blocks, resolve_layer
-from ._checkpoint import create_gsop_model
+from ._base import GSoPBottleneckBase, GSoPNet, create_gsop_model, make_blocks, resolve_layer
 
 __all__ = ['GSoPResNet', 'GSoPBottleneck']
 

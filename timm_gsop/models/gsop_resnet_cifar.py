@@ -27,8 +27,7 @@ from torch import Tensor, nn
 from timm.layers import LayerType, get_act_layer, get_norm_layer
 from timm.models import generate_default_cfgs, register_model
 
-from ._base import MAX_CHANNELS, GSoPBottleneckBase, GSoPNet, check_int, make_blocks, resolve_layer
-from ._checkpoint import create_gsop_model
+from ._base import MAX_CHANNELS, GSoPBottleneckBase, GSoPNet, check_int, create_gsop_model, make_blocks, resolve_layer
 
 __all__ = ['GSoPResNetCifar', 'GSoPPreActBottleneck', 'CIFAR100_MEAN', 'CIFAR100_STD']
 
