@@ -1,11 +1,6 @@
-"""The model card (README.md) of an export, rendered by timm's ``generate_readme``.
-
-Architecture facts come from the exported weights (``inspect_state_dict``), cost from counting one
-forward pass on the meta device, results from train.py's ``summary.csv`` and the recipe from its
-``args.yaml``: every argument that was set and applied, without paths and the machine's settings.
-"""
+"""The model card (README.md) of an export, rendered by timm's ``generate_readme``: facts from the model, its cost
+counted on the meta device, results from train.py's ``summary.csv``, the recipe from its ``args.yaml``."""
 import json
-import math
 import re
 from importlib import metadata
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -17,6 +12,7 @@ import timm
 from timm.models._hub import generate_readme
 from timm.optim import get_optimizer_info
 
+from ..layers import GSoPPositionGate
 from ..models._checkpoint import inspect_state_dict
 from .run import LoadedCheckpoint
 
@@ -65,11 +61,8 @@ def recipe(args: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def measure(model_name: str, model_kwargs: Dict[str, Any], input_size: Sequence[int]) -> Tuple[int, Tuple[int, ...]]:
-    """(multiply-accumulates, feature map shape (C, H, W)) of one eval forward of a batch of 1.
-
-    Counted on the meta device (shapes only: no memory, any input size). ``FlopCounterMode`` counts
-    2 FLOPs per multiply-add of convolutions and matrix products.
-    """
+    """(multiply-accumulates, feature map shape (C, H, W)) of one eval forward of a batch of 1, counted on the meta
+    device (no memory, any input size); ``FlopCounterMode`` counts 2 FLOPs a multiply-add."""
     from torch.utils.flop_counter import FlopCounterMode
     model = timm.create_model(model_name, device='meta', **model_kwargs).eval()
     with FlopCounterMode(display=False) as counter, torch.no_grad():
@@ -102,30 +95,29 @@ def _size(input_size: Sequence[int]) -> str:
 
 def architecture_text(model: nn.Module) -> str:
     """One paragraph: backbone, where the GSoP blocks sit and their covariances, head, classifier, stride."""
-    arch = inspect_state_dict(model.state_dict())
-    mode = model.attn_mode
+    arch = inspect_state_dict(model.state_dict())  # blocks per stage, stages with a GSoP block, pre-activation
     stages = [str(i + 1) for i, on in enumerate(arch.attn_stages) if on]
-    text = f'{arch.net} on {"a pre-activation" if arch.preact else "a"} ResNet-{arch.depth} ({_fmt(arch.layers)} ' \
-           f'bottlenecks per stage); '
+    mode, dim, pool = model.attn_mode, model.attn_dim, model.global_pool.pool_type
+    text = f'GSoP-Net{2 if pool == "isqrt" else 1} on {"a pre-activation" if arch.preact else "a"} ' \
+           f'ResNet-{3 * sum(arch.layers) + 2} ({_fmt(arch.layers)} bottlenecks per stage); '
     if mode == 'none' or not stages:
         text += 'no GSoP blocks; '
     else:
-        covs = [f'{arch.attn_dim}x{arch.attn_dim} channel covariance'] if mode != 'position' else []
-        if mode != 'channel' and arch.position_cov:
-            grid = math.isqrt(arch.position_cov)
-            covs.append(f'{arch.position_cov}x{arch.position_cov} position covariance of a {grid}x{grid} pooled map')
+        covs = [f'{dim}x{dim} channel covariance'] if mode != 'position' else []
+        grid = next((m.pool_size for m in model.modules() if isinstance(m, GSoPPositionGate)), None)
+        if grid:
+            covs.append(f'{grid ** 2}x{grid ** 2} position covariance of a {grid}x{grid} pooled map')
         where = 'at the end of the residual branch of the last block' if arch.preact else \
             'after bn3 of the last bottleneck'
-        text += f'a GSoP block (attn_mode `{mode}`, attn_dim {arch.attn_dim}: {" and ".join(covs)}) {where} of ' \
+        text += f'a GSoP block (attn_mode `{mode}`, attn_dim {dim}: {" and ".join(covs)}) {where} of ' \
                 f'stage{"s" if len(stages) > 1 else ""} {", ".join(stages)}; '
-    if arch.isqrt_head:
-        text += f'iSQRT-COV pooling (1x1 conv {arch.head_in}->{arch.cov_dim}, {arch.cov_dim}x{arch.cov_dim} ' \
-                f'covariance, {model.sqrt_iters} Newton-Schulz iterations, upper triangle of ' \
-                f'{arch.cov_dim * (arch.cov_dim + 1) // 2:,} values); '
+    if pool == 'isqrt':
+        cov = model.cov_dim
+        text += f'iSQRT-COV pooling (1x1 conv {model.num_features}->{cov}, {cov}x{cov} covariance, ' \
+                f'{model.sqrt_iters} Newton-Schulz iterations, upper triangle of {cov * (cov + 1) // 2:,} values); '
     else:
-        pool = model.global_pool.pool_type or 'no'
-        text += f'global {"average" if pool == "avg" else pool} pooling; '
-    text += f'a linear classifier to {arch.num_classes} classes; ' if arch.num_classes else 'no classifier; '
+        text += f'global {"average" if pool == "avg" else pool or "no"} pooling; '
+    text += f'a linear classifier to {model.num_classes} classes; ' if model.num_classes else 'no classifier; '
     return text + f'output stride {model.feature_info[-1]["reduction"]}.'
 
 
