@@ -1,7 +1,6 @@
 """``timm-gsop export|push``: GSoP-Net weights as a Hugging Face Hub folder that timm loads."""
-from .export import HUB_LICENSES, PREPROCESSING_KEYS, export_checkpoint, push_checkpoint
+from .export import export_checkpoint, push_checkpoint
 from .folder import ALLOWED_FILES, MANIFEST
 from .run import ExportError
 
-__all__ = ['ExportError', 'export_checkpoint', 'push_checkpoint', 'ALLOWED_FILES', 'MANIFEST', 'HUB_LICENSES',
-           'PREPROCESSING_KEYS']
+__all__ = ['ExportError', 'export_checkpoint', 'push_checkpoint', 'ALLOWED_FILES', 'MANIFEST']

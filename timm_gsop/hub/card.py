@@ -25,9 +25,10 @@ CITATION = """@inproceedings{gao2019global,
   booktitle = {Proceedings of the IEEE/CVF Conference on Computer Vision and Pattern Recognition (CVPR)},
   year      = {2019}
 }"""
-# train.py arguments about the machine, not the recipe: workers, devices, processes, logging.
+# train.py arguments about the machine, not the recipe: workers, devices, processes, logging; and paths.
 _MACHINE_ARG = re.compile(r'(workers|pin_mem|device.*|(local_)?rank|world_size|dist_.*|.*_interval|checkpoint_hist'
                           r'|.*wandb.*|no_prefetcher|torchcompile.*|synchronize_step|experiment)')
+_PATH = re.compile(r'[/~.\\]|.:\\')
 
 
 def _applies(key: str, args: Dict[str, Any]) -> bool:
@@ -37,7 +38,7 @@ def _applies(key: str, args: Dict[str, Any]) -> bool:
             info = get_optimizer_info(str(args.get('opt') or 'sgd').lower().split('_')[-1])
         except (ValueError, KeyError):
             return True
-        return getattr(info, {'momentum': 'has_momentum', 'opt_betas': 'has_betas', 'opt_eps': 'has_eps'}[key])
+        return getattr(info, 'has_' + key.removeprefix('opt_'))  # has_momentum, has_betas, has_eps
     sched, reprob, mixup = args.get('sched'), bool(args.get('reprob')), bool(args.get('mixup') or args.get('cutmix'))
     for prefix, applies in (
             ('decay_epochs', sched == 'step'), ('decay_milestones', sched == 'multistep'),
@@ -54,10 +55,9 @@ def _applies(key: str, args: Dict[str, Any]) -> bool:
 
 def recipe(args: Dict[str, Any]) -> Dict[str, Any]:
     """The run's arguments that were set and applied, without paths and machine settings."""
-    def path(value: Any) -> bool:
-        return isinstance(value, str) and (value.startswith(('/', '~', '.', '\\')) or value[1:3] == ':\\')
-    return {k: v for k, v in sorted(args.items()) if isinstance(k, str) and v is not None and v is not False
-            and v not in ('', [], {}) and not path(v) and not _MACHINE_ARG.fullmatch(k) and _applies(k, args)}
+    return {k: v for k, v in sorted(args.items()) if isinstance(k, str) and v is not None and v is not False and v
+            not in ('', [], {}) and not (isinstance(v, str) and _PATH.match(v)) and not _MACHINE_ARG.fullmatch(k)
+            and _applies(k, args)}
 
 
 def measure(model_name: str, model_kwargs: Dict[str, Any], input_size: Sequence[int]) -> Tuple[int, Tuple[int, ...]]:
@@ -121,8 +121,7 @@ def architecture_text(model: nn.Module) -> str:
     return text + f'output stride {model.feature_info[-1]["reduction"]}.'
 
 
-def _results(checkpoint: LoadedCheckpoint, where: str, measured: Dict[str, Any],
-             exported: Dict[str, Any]) -> List[str]:
+def _results(checkpoint: LoadedCheckpoint, where: str, measured: Dict[str, Any], exported: Dict[str, Any]) -> List[str]:
     rows = [r for r in checkpoint.summary if 'eval_top1' in r]
     if not rows:
         return [] if checkpoint.metric is None else [
@@ -136,12 +135,10 @@ def _results(checkpoint: LoadedCheckpoint, where: str, measured: Dict[str, Any],
              if measured == {k: exported[k] for k in measured} else "**config.json's preprocessing was set "
              'differently at export, so these numbers were not measured with it.**', '',
              '| weights | epoch | top-1 (%) | top-5 (%) |', '|---|---|---|---|']
-    this = next((r for r in rows if int(r['epoch']) == checkpoint.epoch), None)
-    best = max(rows, key=lambda r: r['eval_top1'])
-    shown = []
-    for label, r in (('this checkpoint', this), ('best epoch of the run', best), ('last epoch of the run', rows[-1])):
-        if r is not None and not any(r is other for other in shown):
-            shown.append(r)
+    picks = [('this checkpoint', next((r for r in rows if int(r['epoch']) == checkpoint.epoch), None)),
+             ('best epoch of the run', max(rows, key=lambda r: r['eval_top1'])), ('last epoch of the run', rows[-1])]
+    for i, (label, r) in enumerate(picks):
+        if r is not None and not any(r is other for _, other in picks[:i]):  # each row once
             top5 = f'{r["eval_top5"]:.2f}' if 'eval_top5' in r else 'n/a'
             lines.append(f'| {label} | {int(r["epoch"])} | {r["eval_top1"]:.2f} | {top5} |')
     return lines + ['']

@@ -1,11 +1,6 @@
-"""An export folder that appears whole or not at all, and never costs anyone a file.
-
-It is written into a hidden folder beside OUT_DIR and put in place by renames, so that the operating system
-decides every race: ``mkdir(OUT_DIR)`` claims the name, and renaming onto that empty folder fails if anything was
-put into it meanwhile. ``force`` replaces an unchanged previous export only (the files its MANIFEST lists, with
-those hashes), checked again right before the swap; of it, only those files are deleted. A killed export's hidden
-folder is reported by the next export to OUT_DIR, never deleted.
-"""
+"""An export folder that appears whole or not at all, and never costs anyone a file: written into a hidden folder
+beside OUT_DIR, put in place by renames so that the operating system decides every race. A killed export's hidden
+folder is reported by the next export to OUT_DIR, never deleted."""
 import json
 import os
 import secrets
@@ -46,7 +41,7 @@ def export_problem(folder: Path) -> Optional[str]:
 
 
 def check_out_dir(out_dir: Path, force: bool) -> Optional[int]:
-    """None if ``out_dir`` is free, the inode of the previous export ``force`` may replace; else ExportError."""
+    """None if ``out_dir`` is free, else the inode of an unchanged previous export that ``force`` may replace."""
     if not os.path.lexists(out_dir):
         return None
     if not force:
@@ -59,7 +54,7 @@ def check_out_dir(out_dir: Path, force: bool) -> Optional[int]:
 
 
 def _rename_create_only(src: Path, dst: Path) -> None:
-    os.mkdir(dst)  # fails if anything, an empty folder included, is there
+    os.mkdir(dst)  # claims the name: fails if anything, an empty folder included, is there
     try:
         os.rename(src, dst)  # onto our own empty folder; fails if something was put into it
     except OSError:
@@ -70,16 +65,15 @@ def _rename_create_only(src: Path, dst: Path) -> None:
 
 @contextmanager
 def staged_folder(out_dir: Path, replaces: Optional[int]) -> Iterator[Path]:
-    """A hidden folder to write into, put at ``out_dir`` when the block ends without error (``replaces``: from
-    ``check_out_dir``); ExportError, and nothing touched, where that is no longer safe."""
-    def hidden(kind: str) -> Path:
-        return out_dir.parent / f'.{out_dir.name}.{kind}-{secrets.token_hex(4)}'
+    """A hidden folder to write into, put at ``out_dir`` when the block ends without error, replacing the export
+    ``check_out_dir`` found only if it is still unchanged; ExportError, and nothing touched, if not."""
+    hidden = f'.{out_dir.name}.'  # then partial-XXXXXXXX (an export's folder), replaced-XXXXXXXX (the previous one)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     for entry in sorted(out_dir.parent.iterdir()):
-        if entry.name.startswith((f'.{out_dir.name}.partial-', f'.{out_dir.name}.replaced-')):
+        if entry.name.startswith((hidden + 'partial-', hidden + 'replaced-')):
             report(f'warning: {entry} is left from an export to {out_dir} that was interrupted (or is still running); '
                    f'delete it if you do not need it')
-    tmp, aside = hidden('partial'), None
+    tmp, aside = out_dir.parent / f'{hidden}partial-{secrets.token_hex(4)}', None
     tmp.mkdir()
     try:
         yield tmp
@@ -91,7 +85,7 @@ def staged_folder(out_dir: Path, replaces: Optional[int]) -> Iterator[Path]:
             if problem:
                 raise ExportError(f'{out_dir} {problem} (changed while this export ran); it was left as it is '
                                   f'and nothing was written.')
-            aside = hidden('replaced')
+            aside = out_dir.parent / f'{hidden}replaced-{secrets.token_hex(4)}'
             os.rename(out_dir, aside)
         try:
             _rename_create_only(tmp, out_dir)

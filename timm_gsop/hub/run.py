@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
+import yaml
 
 from ..models._checkpoint import (
     CheckpointError, check_finite, is_official_state_dict, load_checkpoint_file, state_dict_from_checkpoint)
@@ -31,11 +32,10 @@ def report(msg: str, show: bool = True) -> None:
 
 def finite_number(value: Any) -> Optional[float]:
     """``value`` as a finite float (a one-element tensor too), else None."""
-    if isinstance(value, torch.Tensor):
-        value = value.flatten()[0].item() if value.numel() == 1 else None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return float(value) if math.isfinite(value) else None
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    finite = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return float(value) if finite else None
 
 
 @dataclass
@@ -70,26 +70,20 @@ def read_checkpoint(path: PathLike) -> LoadedCheckpoint:
         epoch=int(meta['epoch']) if meta.get('epoch') is not None else None,  # a count: checked on loading
         arch=meta.get('arch') if isinstance(meta.get('arch'), str) else None,
         metric=next((finite_number(meta[k]) for k in ('metric', 'best_prec1') if meta.get(k) is not None), None))
-    args = meta.get('args')
-    if (path.parent / 'args.yaml').is_file():
-        ckpt.args, ckpt.args_origin = _read_args_yaml(path.parent / 'args.yaml'), 'args.yaml'
-    elif isinstance(args, (dict, argparse.Namespace)) and args:
-        ckpt.args, ckpt.args_origin = dict(vars(args) if isinstance(args, argparse.Namespace) else args), \
-            'the arguments stored in the checkpoint'
+    stored = vars(meta['args']) if isinstance(meta.get('args'), argparse.Namespace) else meta.get('args')
+    args_file = path.parent / 'args.yaml'
+    if args_file.is_file():
+        try:
+            ckpt.args, ckpt.args_origin = yaml.safe_load(args_file.read_text(encoding='utf-8')), 'args.yaml'
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+            raise ExportError(f'cannot read {args_file}: {type(e).__name__}; fix or move it') from e
+        if not isinstance(ckpt.args, dict):
+            raise ExportError(f'{args_file} holds no train.py arguments (a YAML mapping)')
+    elif isinstance(stored, dict) and stored:
+        ckpt.args, ckpt.args_origin = dict(stored), 'the arguments stored in the checkpoint'
     if (path.parent / 'summary.csv').is_file():
         ckpt.summary = _read_summary_csv(path.parent / 'summary.csv')
     return ckpt
-
-
-def _read_args_yaml(path: Path) -> Dict[str, Any]:
-    import yaml
-    try:
-        args = yaml.safe_load(path.read_text(encoding='utf-8'))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        raise ExportError(f'cannot read {path}: {type(e).__name__}; fix or move it') from e
-    if not isinstance(args, dict):
-        raise ExportError(f'{path} holds no train.py arguments (a YAML mapping)')
-    return args
 
 
 def _read_summary_csv(path: Path) -> List[Dict[str, float]]:
