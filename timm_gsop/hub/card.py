@@ -55,8 +55,8 @@ def _applies(key: str, args: Dict[str, Any]) -> bool:
 
 def recipe(args: Dict[str, Any]) -> Dict[str, Any]:
     """The run's arguments that were set and applied, without paths and machine settings."""
-    return {k: v for k, v in sorted(args.items()) if isinstance(k, str) and v is not None and v is not False and v
-            not in ('', [], {}) and not (isinstance(v, str) and _PATH.match(v)) and not _MACHINE_ARG.fullmatch(k)
+    return {k: v for k, v in sorted(args.items()) if isinstance(k, str) and v is not None and v is not False
+            and v not in ('', [], {}) and not _PATH.match(str(v)) and not _MACHINE_ARG.fullmatch(k)
             and _applies(k, args)}
 
 

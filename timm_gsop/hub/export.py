@@ -5,7 +5,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -17,13 +17,12 @@ from timm.data import resolve_data_config
 from ..models._checkpoint import CheckpointError, check_finite, check_state_dict_fits, inspect_state_dict
 from .card import OFFICIAL_CODE_URL, model_card
 from .folder import ALLOWED_FILES, MANIFEST, check_out_dir, staged_folder
-from .run import ExportError, LoadedCheckpoint, PathLike, finite_number, read_checkpoint, report, run_label_names
+from .run import ExportError, LoadedCheckpoint, finite_number, read_checkpoint, report, run_label_names
 
 __all__ = ['export_checkpoint', 'push_checkpoint', 'build_model_from_checkpoint', 'export_data_config',
            'PREPROCESSING_KEYS', 'HUB_LICENSES']
 
 _DATA_KEYS = ('input_size', 'interpolation', 'mean', 'std', 'crop_pct', 'crop_mode')
-#: What ``preprocessing=`` may set (the export options of the same names).
 PREPROCESSING_KEYS = ('img_size', 'crop_pct', 'crop_mode', 'interpolation', 'mean', 'std',
                       'test_img_size', 'test_crop_pct')
 _CHOICES = dict(crop_mode=('center', 'squash', 'border'),
@@ -156,7 +155,7 @@ def _verify(model: nn.Module, folder: Path, data_config: Dict[str, Any], label_n
 
 
 def export_checkpoint(
-        checkpoint: PathLike, out_dir: PathLike, model_name: Optional[str] = None,
+        checkpoint: Union[str, os.PathLike], out_dir: Union[str, os.PathLike], model_name: Optional[str] = None,
         model_kwargs: Optional[Dict[str, Any]] = None, *, force: bool = False, repo_id: Optional[str] = None,
         license: Optional[str] = None, preprocessing: Optional[Dict[str, Any]] = None,
         label_names: Optional[Sequence[str]] = None, dataset: Optional[str] = None, install: Optional[str] = None,
@@ -175,11 +174,10 @@ def export_checkpoint(
 
     ckpt = read_checkpoint(checkpoint_path)
     report(f'{checkpoint_path}: weights from "{ckpt.source}"; run arguments from {ckpt.args_origin or "-"}', verbose)
-    if model_name is None:
-        model_name = ckpt.args.get('model')
-        if not isinstance(model_name, str):
-            raise ExportError(f'no --model given, and no args.yaml beside {checkpoint_path} (nor the checkpoint) '
-                              f'names one: pass --model NAME, one of {", ".join(sorted(timm.list_models("gsop*")))}')
+    model_name = model_name or ckpt.args.get('model')
+    if not isinstance(model_name, str):
+        raise ExportError(f'no --model given, and no args.yaml beside {checkpoint_path} (nor the checkpoint) '
+                          f'names one: pass --model NAME, one of {", ".join(sorted(timm.list_models("gsop*")))}')
     model, kwargs = build_model_from_checkpoint(ckpt, model_name, model_kwargs, verbose)
     data_config, measured = export_data_config(model, ckpt.args, preprocessing, ckpt.args_origin)
     data_dir, name = ckpt.args.get('data_dir') or ckpt.args.get('data'), str(ckpt.args.get('dataset') or '')
@@ -222,7 +220,7 @@ def export_checkpoint(
 
 
 def push_checkpoint(
-        checkpoint: PathLike, repo_id: str, model_name: Optional[str] = None,
+        checkpoint: Union[str, os.PathLike], repo_id: str, model_name: Optional[str] = None,
         model_kwargs: Optional[Dict[str, Any]] = None, *, private: bool = False, revision: Optional[str] = None,
         create_pr: bool = False, commit_message: Optional[str] = None, verbose: bool = True, **export_options):
     """Export ``checkpoint`` (``export_options`` as for ``export_checkpoint``) and upload it to the Hub model repo

@@ -17,9 +17,6 @@ from ..models._checkpoint import (
 
 __all__ = ['ExportError', 'report', 'LoadedCheckpoint', 'read_checkpoint', 'run_label_names']
 
-PathLike = Union[str, os.PathLike]
-
-
 class ExportError(Exception):
     """A checkpoint that cannot be exported, or an export that cannot be written; the message says why."""
 
@@ -53,7 +50,7 @@ class LoadedCheckpoint:
     summary: List[Dict[str, float]] = field(default_factory=list)  # summary.csv rows with a whole epoch
 
 
-def read_checkpoint(path: PathLike) -> LoadedCheckpoint:
+def read_checkpoint(path: Union[str, os.PathLike]) -> LoadedCheckpoint:
     """A train.py checkpoint (its EMA weights when present), an official one, a state dict or a .safetensors
     file, non-finite values refused; beside it train.py's args.yaml (else its stored arguments) and summary.csv."""
     path = Path(path)
