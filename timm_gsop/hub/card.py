@@ -61,14 +61,13 @@ def recipe(args: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def measure(model_name: str, model_kwargs: Dict[str, Any], input_size: Sequence[int]) -> Tuple[int, Tuple[int, ...]]:
-    """(multiply-accumulates, feature map shape (C, H, W)) of one eval forward of a batch of 1, counted on the meta
-    device (no memory, any input size); ``FlopCounterMode`` counts 2 FLOPs a multiply-add."""
+    """(multiply-accumulates, feature map (C, H, W)) of an eval forward of one image, on the meta device (no memory)."""
     from torch.utils.flop_counter import FlopCounterMode
     model = timm.create_model(model_name, device='meta', **model_kwargs).eval()
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         features = model.forward_features(torch.zeros(1, *input_size, device='meta'))
         model.forward_head(features)
-    return counter.get_total_flops() // 2, tuple(features.shape[1:])
+    return counter.get_total_flops() // 2, tuple(features.shape[1:])  # it counts 2 FLOPs a multiply-add
 
 
 def install_line(install: Optional[str] = None) -> str:

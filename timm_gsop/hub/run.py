@@ -17,6 +17,7 @@ from ..models._checkpoint import (
 
 __all__ = ['ExportError', 'report', 'LoadedCheckpoint', 'read_checkpoint', 'run_label_names']
 
+
 class ExportError(Exception):
     """A checkpoint that cannot be exported, or an export that cannot be written; the message says why."""
 
