@@ -1,11 +1,6 @@
-"""The model card (README.md) of an export, rendered by timm's ``generate_readme``.
-
-Architecture facts come from the exported weights (``inspect_state_dict``), cost from counting one
-forward pass on the meta device, results from train.py's ``summary.csv`` and the recipe from its
-``args.yaml``: every argument that was set and applied, without paths and the machine's settings.
-"""
+"""The model card (README.md) of an export, rendered by timm's ``generate_readme``: facts from the model, its cost
+counted on the meta device, results from train.py's ``summary.csv``, the recipe from its ``args.yaml``."""
 import json
-import math
 import re
 from importlib import metadata
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -17,6 +12,7 @@ import timm
 from timm.models._hub import generate_readme
 from timm.optim import get_optimizer_info
 
+from ..layers import GSoPPositionGate
 from ..models._checkpoint import inspect_state_dict
 from .run import LoadedCheckpoint
 
@@ -29,9 +25,10 @@ CITATION = """@inproceedings{gao2019global,
   booktitle = {Proceedings of the IEEE/CVF Conference on Computer Vision and Pattern Recognition (CVPR)},
   year      = {2019}
 }"""
-# train.py arguments about the machine, not the recipe: workers, devices, processes, logging.
+# train.py arguments about the machine, not the recipe: workers, devices, processes, logging; and paths.
 _MACHINE_ARG = re.compile(r'(workers|pin_mem|device.*|(local_)?rank|world_size|dist_.*|.*_interval|checkpoint_hist'
                           r'|.*wandb.*|no_prefetcher|torchcompile.*|synchronize_step|experiment)')
+_PATH = re.compile(r'[/~.\\]|.:\\')
 
 
 def _applies(key: str, args: Dict[str, Any]) -> bool:
@@ -41,7 +38,7 @@ def _applies(key: str, args: Dict[str, Any]) -> bool:
             info = get_optimizer_info(str(args.get('opt') or 'sgd').lower().split('_')[-1])
         except (ValueError, KeyError):
             return True
-        return getattr(info, {'momentum': 'has_momentum', 'opt_betas': 'has_betas', 'opt_eps': 'has_eps'}[key])
+        return getattr(info, 'has_' + key.removeprefix('opt_'))  # has_momentum, has_betas, has_eps
     sched, reprob, mixup = args.get('sched'), bool(args.get('reprob')), bool(args.get('mixup') or args.get('cutmix'))
     for prefix, applies in (
             ('decay_epochs', sched == 'step'), ('decay_milestones', sched == 'multistep'),
@@ -58,24 +55,19 @@ def _applies(key: str, args: Dict[str, Any]) -> bool:
 
 def recipe(args: Dict[str, Any]) -> Dict[str, Any]:
     """The run's arguments that were set and applied, without paths and machine settings."""
-    def path(value: Any) -> bool:
-        return isinstance(value, str) and (value.startswith(('/', '~', '.', '\\')) or value[1:3] == ':\\')
     return {k: v for k, v in sorted(args.items()) if isinstance(k, str) and v is not None and v is not False
-            and v not in ('', [], {}) and not path(v) and not _MACHINE_ARG.fullmatch(k) and _applies(k, args)}
+            and v not in ('', [], {}) and not _PATH.match(str(v)) and not _MACHINE_ARG.fullmatch(k)
+            and _applies(k, args)}
 
 
 def measure(model_name: str, model_kwargs: Dict[str, Any], input_size: Sequence[int]) -> Tuple[int, Tuple[int, ...]]:
-    """(multiply-accumulates, feature map shape (C, H, W)) of one eval forward of a batch of 1.
-
-    Counted on the meta device (shapes only: no memory, any input size). ``FlopCounterMode`` counts
-    2 FLOPs per multiply-add of convolutions and matrix products.
-    """
+    """(multiply-accumulates, feature map (C, H, W)) of an eval forward of one image, on the meta device (no memory)."""
     from torch.utils.flop_counter import FlopCounterMode
     model = timm.create_model(model_name, device='meta', **model_kwargs).eval()
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         features = model.forward_features(torch.zeros(1, *input_size, device='meta'))
         model.forward_head(features)
-    return counter.get_total_flops() // 2, tuple(features.shape[1:])
+    return counter.get_total_flops() // 2, tuple(features.shape[1:])  # it counts 2 FLOPs a multiply-add
 
 
 def install_line(install: Optional[str] = None) -> str:
@@ -102,35 +94,33 @@ def _size(input_size: Sequence[int]) -> str:
 
 def architecture_text(model: nn.Module) -> str:
     """One paragraph: backbone, where the GSoP blocks sit and their covariances, head, classifier, stride."""
-    arch = inspect_state_dict(model.state_dict())
-    mode = model.attn_mode
+    arch = inspect_state_dict(model.state_dict())  # blocks per stage, stages with a GSoP block, pre-activation
     stages = [str(i + 1) for i, on in enumerate(arch.attn_stages) if on]
-    text = f'{arch.net} on {"a pre-activation" if arch.preact else "a"} ResNet-{arch.depth} ({_fmt(arch.layers)} ' \
-           f'bottlenecks per stage); '
+    mode, dim, pool = model.attn_mode, model.attn_dim, model.global_pool.pool_type
+    text = f'GSoP-Net{2 if pool == "isqrt" else 1} on {"a pre-activation" if arch.preact else "a"} ' \
+           f'ResNet-{3 * sum(arch.layers) + 2} ({_fmt(arch.layers)} bottlenecks per stage); '
     if mode == 'none' or not stages:
         text += 'no GSoP blocks; '
     else:
-        covs = [f'{arch.attn_dim}x{arch.attn_dim} channel covariance'] if mode != 'position' else []
-        if mode != 'channel' and arch.position_cov:
-            grid = math.isqrt(arch.position_cov)
-            covs.append(f'{arch.position_cov}x{arch.position_cov} position covariance of a {grid}x{grid} pooled map')
+        covs = [f'{dim}x{dim} channel covariance'] if mode != 'position' else []
+        grid = next((m.pool_size for m in model.modules() if isinstance(m, GSoPPositionGate)), None)
+        if grid:
+            covs.append(f'{grid ** 2}x{grid ** 2} position covariance of a {grid}x{grid} pooled map')
         where = 'at the end of the residual branch of the last block' if arch.preact else \
             'after bn3 of the last bottleneck'
-        text += f'a GSoP block (attn_mode `{mode}`, attn_dim {arch.attn_dim}: {" and ".join(covs)}) {where} of ' \
+        text += f'a GSoP block (attn_mode `{mode}`, attn_dim {dim}: {" and ".join(covs)}) {where} of ' \
                 f'stage{"s" if len(stages) > 1 else ""} {", ".join(stages)}; '
-    if arch.isqrt_head:
-        text += f'iSQRT-COV pooling (1x1 conv {arch.head_in}->{arch.cov_dim}, {arch.cov_dim}x{arch.cov_dim} ' \
-                f'covariance, {model.sqrt_iters} Newton-Schulz iterations, upper triangle of ' \
-                f'{arch.cov_dim * (arch.cov_dim + 1) // 2:,} values); '
+    if pool == 'isqrt':
+        cov = model.cov_dim
+        text += f'iSQRT-COV pooling (1x1 conv {model.num_features}->{cov}, {cov}x{cov} covariance, ' \
+                f'{model.sqrt_iters} Newton-Schulz iterations, upper triangle of {cov * (cov + 1) // 2:,} values); '
     else:
-        pool = model.global_pool.pool_type or 'no'
-        text += f'global {"average" if pool == "avg" else pool} pooling; '
-    text += f'a linear classifier to {arch.num_classes} classes; ' if arch.num_classes else 'no classifier; '
+        text += f'global {"average" if pool == "avg" else pool or "no"} pooling; '
+    text += f'a linear classifier to {model.num_classes} classes; ' if model.num_classes else 'no classifier; '
     return text + f'output stride {model.feature_info[-1]["reduction"]}.'
 
 
-def _results(checkpoint: LoadedCheckpoint, where: str, measured: Dict[str, Any],
-             exported: Dict[str, Any]) -> List[str]:
+def _results(checkpoint: LoadedCheckpoint, where: str, measured: Dict[str, Any], exported: Dict[str, Any]) -> List[str]:
     rows = [r for r in checkpoint.summary if 'eval_top1' in r]
     if not rows:
         return [] if checkpoint.metric is None else [
@@ -144,12 +134,10 @@ def _results(checkpoint: LoadedCheckpoint, where: str, measured: Dict[str, Any],
              if measured == {k: exported[k] for k in measured} else "**config.json's preprocessing was set "
              'differently at export, so these numbers were not measured with it.**', '',
              '| weights | epoch | top-1 (%) | top-5 (%) |', '|---|---|---|---|']
-    this = next((r for r in rows if int(r['epoch']) == checkpoint.epoch), None)
-    best = max(rows, key=lambda r: r['eval_top1'])
-    shown = []
-    for label, r in (('this checkpoint', this), ('best epoch of the run', best), ('last epoch of the run', rows[-1])):
-        if r is not None and not any(r is other for other in shown):
-            shown.append(r)
+    picks = [('this checkpoint', next((r for r in rows if int(r['epoch']) == checkpoint.epoch), None)),
+             ('best epoch of the run', max(rows, key=lambda r: r['eval_top1'])), ('last epoch of the run', rows[-1])]
+    for i, (label, r) in enumerate(picks):
+        if r is not None and not any(r is other for _, other in picks[:i]):  # each row once
             top5 = f'{r["eval_top5"]:.2f}' if 'eval_top5' in r else 'n/a'
             lines.append(f'| {label} | {int(r["epoch"])} | {r["eval_top1"]:.2f} | {top5} |')
     return lines + ['']

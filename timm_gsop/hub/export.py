@@ -1,17 +1,11 @@
-"""Export a checkpoint as a folder that timm and the Hugging Face Hub load, and push it.
-
-``export_checkpoint`` rebuilds the model the checkpoint was trained as and writes, with timm's own
-``save_for_hf``, ``model.safetensors`` (the EMA weights when present) and ``config.json`` (the
-preprocessing the run validated with, options overriding it, and the class names), then the card. The
-folder is checked (strict JSON; alone it rebuilds the same logits and preprocessing) and put in place by
-``folder.py``. ``push_checkpoint`` exports to a temporary folder and uploads it with ``huggingface_hub``.
-"""
+"""Export a checkpoint as a folder that timm and the Hugging Face Hub load (timm's ``save_for_hf``: the run's
+preprocessing and class names in config.json), checked to rebuild the same model alone; and push it."""
 import inspect
 import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -22,58 +16,50 @@ from timm.data import resolve_data_config
 
 from ..models._checkpoint import CheckpointError, check_finite, check_state_dict_fits, inspect_state_dict
 from .card import OFFICIAL_CODE_URL, model_card
-from .folder import ALLOWED_FILES, MANIFEST, StagedFolder
-from .run import (
-    ExportError, LoadedCheckpoint, PathLike, Reporter, check_label_names, finite_number, read_checkpoint,
-    run_label_names)
+from .folder import ALLOWED_FILES, MANIFEST, check_out_dir, staged_folder
+from .run import ExportError, LoadedCheckpoint, finite_number, read_checkpoint, report, run_label_names
 
-__all__ = [
-    'export_checkpoint', 'push_checkpoint', 'build_model_from_checkpoint', 'export_data_config',
-    'PREPROCESSING_KEYS', 'HUB_LICENSES',
-]
+__all__ = ['export_checkpoint', 'push_checkpoint', 'build_model_from_checkpoint', 'export_data_config',
+           'PREPROCESSING_KEYS', 'HUB_LICENSES']
 
 _DATA_KEYS = ('input_size', 'interpolation', 'mean', 'std', 'crop_pct', 'crop_mode')
-#: What ``preprocessing=`` may set (the export options of the same names).
 PREPROCESSING_KEYS = ('img_size', 'crop_pct', 'crop_mode', 'interpolation', 'mean', 'std',
                       'test_img_size', 'test_crop_pct')
-_CROP_MODES = ('center', 'squash', 'border')
-_INTERPOLATIONS = ('nearest', 'bilinear', 'bicubic', 'box', 'hamming', 'lanczos')
+_CHOICES = dict(crop_mode=('center', 'squash', 'border'),
+                interpolation=('nearest', 'bilinear', 'bicubic', 'box', 'hamming', 'lanczos'))
 MAX_IMG_SIZE = 4096
-#: Licence ids the Hub accepts in a model card (huggingface.co/docs/hub/repositories-licenses; 'other'
-#: needs a name and link, so it is not offered).
-HUB_LICENSES = (
-    'apache-2.0', 'mit', 'bsd', 'bsd-2-clause', 'bsd-3-clause', 'bsd-3-clause-clear', 'isc', 'zlib', 'unlicense',
-    'cc0-1.0', 'cc-by-2.0', 'cc-by-2.5', 'cc-by-3.0', 'cc-by-4.0', 'cc-by-sa-3.0', 'cc-by-sa-4.0', 'cc-by-nc-2.0',
-    'cc-by-nc-3.0', 'cc-by-nc-4.0', 'cc-by-nd-4.0', 'cc-by-nc-nd-3.0', 'cc-by-nc-nd-4.0', 'cc-by-nc-sa-2.0',
-    'cc-by-nc-sa-3.0', 'cc-by-nc-sa-4.0', 'openrail', 'openrail++', 'creativeml-openrail-m', 'bigscience-openrail-m',
-    'afl-3.0', 'artistic-2.0', 'bsl-1.0', 'ecl-2.0', 'epl-1.0', 'epl-2.0', 'eupl-1.1', 'eupl-1.2', 'gpl-2.0',
-    'gpl-3.0', 'lgpl-2.1', 'lgpl-3.0', 'agpl-3.0', 'mpl-2.0', 'osl-3.0', 'postgresql', 'ncsa', 'wtfpl', 'odc-by',
-    'odbl', 'pddl', 'cdla-permissive-2.0', 'unknown')
+#: Licence ids of huggingface.co/docs/hub/repositories-licenses ('other' needs a name and link: not offered).
+HUB_LICENSES = tuple(
+    'apache-2.0 mit bsd bsd-2-clause bsd-3-clause bsd-3-clause-clear isc zlib unlicense cc0-1.0 cc-by-2.0 cc-by-2.5 '
+    'cc-by-3.0 cc-by-4.0 cc-by-sa-3.0 cc-by-sa-4.0 cc-by-nc-2.0 cc-by-nc-3.0 cc-by-nc-4.0 cc-by-nd-4.0 '
+    'cc-by-nc-nd-3.0 cc-by-nc-nd-4.0 cc-by-nc-sa-2.0 cc-by-nc-sa-3.0 cc-by-nc-sa-4.0 openrail openrail++ '
+    'creativeml-openrail-m bigscience-openrail-m afl-3.0 artistic-2.0 bsl-1.0 ecl-2.0 epl-1.0 epl-2.0 eupl-1.1 '
+    'eupl-1.2 gpl-2.0 gpl-3.0 lgpl-2.1 lgpl-3.0 agpl-3.0 mpl-2.0 osl-3.0 postgresql ncsa wtfpl odc-by odbl pddl '
+    'cdla-permissive-2.0 unknown'.split())
 # create_model's own keywords: not model arguments (the weights come from the checkpoint).
 _NOT_MODEL_ARGS = set(inspect.signature(timm.create_model).parameters) - {'model_name', 'kwargs'} | {'features_only'}
 
 
 def build_model_from_checkpoint(
         checkpoint: LoadedCheckpoint, model_name: str, model_kwargs: Optional[Dict[str, Any]] = None,
-        reporter: Optional[Reporter] = None) -> Tuple[nn.Module, Dict[str, Any]]:
+        verbose: bool = False) -> Tuple[nn.Module, Dict[str, Any]]:
     """(``timm.create_model(model_name, **kwargs)`` in eval mode with the checkpoint's weights, kwargs): what
     the weights decide (num_classes, attn_dim, attn_mode where they tell), the run's, then ``model_kwargs``."""
-    reporter = reporter or Reporter(verbose=False)
     names = sorted(timm.list_models('gsop*'))
     if model_name not in names:
         raise ExportError(f'unknown model {model_name!r}; this exports GSoP-Net models: {", ".join(names)}')
     if checkpoint.arch and not checkpoint.official and checkpoint.arch != model_name:
-        reporter.warn(f'the checkpoint was trained as {checkpoint.arch!r}, exporting as {model_name!r}')
-    given = dict(checkpoint.model_kwargs(), **(model_kwargs or {}))
+        report(f'warning: the checkpoint was trained as {checkpoint.arch!r}, exporting as {model_name!r}')
+    run_kwargs = checkpoint.args.get('model_kwargs')
+    given = dict(run_kwargs if isinstance(run_kwargs, dict) else {}, **(model_kwargs or {}))
     wrong = sorted(_NOT_MODEL_ARGS & set(given))
     if wrong:
         raise ExportError(f'{", ".join(wrong)} cannot be given as model kwargs: the export takes the weights from '
                           f'the checkpoint and builds the model with its own arguments')
-    arch = inspect_state_dict(checkpoint.state_dict)
-    kwargs = {k: v for k, v in arch.kwargs().items() if k != 'layers'}  # blocks per stage come from the name
-    if arch.in_chans not in (None, 3):
-        kwargs['in_chans'] = arch.in_chans
-    kwargs.update(given)
+    arch = inspect_state_dict(checkpoint.state_dict)  # blocks per stage come from the name (or model_kwargs)
+    decided = dict(num_classes=arch.num_classes, attn_mode=arch.attn_mode, attn_dim=arch.attn_dim,
+                   in_chans=None if arch.in_chans == 3 else arch.in_chans)
+    kwargs = {k: v for k, v in decided.items() if v is not None} | given
     if arch.attn_modes == ('none',) and 'attn_mode' not in given:
         raise ExportError(
             f'the checkpoint has no GSoP block{f" (trained as {checkpoint.arch!r})" if checkpoint.arch else ""}. '
@@ -81,11 +67,10 @@ def build_model_from_checkpoint(
             f'stride 1: not the same network as a plain ResNet. If it was trained as {model_name} with '
             f'attn_mode=none, pass --model-kwargs attn_mode=none.')
     if 'attn_mode' not in kwargs:
-        raise ExportError(
-            'the checkpoint has both channel and position gates but no fusion convolutions: it is attn_mode '
-            'fusion_avg or fusion_max, which its keys cannot tell apart. Pass --model-kwargs attn_mode=fusion_avg '
-            '(or attn_mode=fusion_max), as it was trained.')
-    reporter.progress(f'creating {model_name}({", ".join(f"{k}={v!r}" for k, v in kwargs.items())})')
+        raise ExportError('the checkpoint has both channel and position gates but no fusion convolutions: it is '
+                          'attn_mode fusion_avg or fusion_max, which its keys cannot tell apart. Pass --model-kwargs '
+                          'attn_mode=fusion_avg (or attn_mode=fusion_max), as it was trained.')
+    report(f'creating {model_name}({", ".join(f"{k}={v!r}" for k, v in kwargs.items())})', verbose)
     try:  # on the meta device first: arguments that do not fit the weights cost no memory
         model = timm.create_model(model_name, device='meta', **kwargs)
         check_state_dict_fits(checkpoint.state_dict, model, model_name=model_name, cli=True)
@@ -99,67 +84,54 @@ def build_model_from_checkpoint(
     return model.eval(), kwargs
 
 
-def _apply_preprocessing(config: Dict[str, Any], values: Dict[str, Any], where: str, min_size: int) -> Dict[str, Any]:
-    """``config`` updated with ``values`` (option or train.py argument names), each checked."""
-    config, chans = dict(config), config['input_size'][0]
-    for key, value in values.items():
-        if value is None or value == '':
-            continue
-        if key in ('img_size', 'test_img_size', 'input_size'):
-            size = value[1:] if key == 'input_size' and isinstance(value, (list, tuple)) and len(value) == 3 \
-                and value[0] == chans else value
-            size = [size] * 2 if isinstance(size, int) else size
-            if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(
-                    isinstance(s, int) and not isinstance(s, bool) and min_size <= s <= MAX_IMG_SIZE for s in size)):
-                raise ExportError(f'{where}{key} must be one or two integers from {min_size} to {MAX_IMG_SIZE} (px)'
-                                  f'{f" after {chans} channels" if key == "input_size" else ""}, got {value!r}')
-            config['test_input_size' if key == 'test_img_size' else 'input_size'] = (chans, *size)
-        elif key in ('crop_pct', 'test_crop_pct'):
-            number = finite_number(value)
-            if number is None or not 0 < number <= 1:
-                raise ExportError(f'{where}{key} must be a number in (0, 1], got {value!r}')
-            config[key] = number
-        elif key in ('crop_mode', 'interpolation'):
-            valid = _CROP_MODES if key == 'crop_mode' else _INTERPOLATIONS
-            if value not in valid:
-                raise ExportError(f'{where}{key} must be one of {", ".join(valid)}; got {value!r}')
-            config[key] = value
-        elif key in ('mean', 'std'):
-            numbers = [finite_number(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
-            if len(numbers) not in (1, chans) or None in numbers or (key == 'std' and min(numbers) <= 0):
-                raise ExportError(f'{where}{key} needs 1 or {chans} finite numbers{" > 0" if key == "std" else ""}, '
-                                  f'got {value!r}')
-            config[key] = tuple(numbers * chans if len(numbers) == 1 else numbers)
-        else:
-            raise ExportError(f'unknown preprocessing setting {key!r}; known: {", ".join(PREPROCESSING_KEYS)}')
-    return config
-
-
 def export_data_config(model: nn.Module, run_args: Dict[str, Any], preprocessing: Optional[Dict[str, Any]] = None,
                        origin: str = 'the run') -> Tuple[Dict[str, Any], Dict[str, Any]]:
-    """(exported preprocessing, the one the run validated with): as train.py's ``resolve_data_config(args,
-    model=model)``, the model's defaults with the run's values, checked as the options that override them."""
-    defaults = {k: v for k, v in resolve_data_config({}, model=model).items() if k in _DATA_KEYS}
-    defaults['input_size'] = tuple(defaults['input_size'])
-    min_size = (model.pretrained_cfg.get('min_input_size') or (3, 1, 1))[-1]
-    run = {k: run_args.get(k) for k in ('img_size', 'input_size', 'crop_pct', 'crop_mode', 'interpolation',
-                                        'mean', 'std')}
-    if run['input_size'] is not None:  # train.py's --input-size wins over --img-size
-        run.pop('img_size')
-    measured = _apply_preprocessing(defaults, run, f"{origin}: ", min_size)
-    return _apply_preprocessing(measured, preprocessing or {}, '', min_size), measured
+    """(exported preprocessing, the one the run validated with): the model's defaults updated with the run's
+    values as train.py's ``resolve_data_config(args, model=model)`` does, then with ``preprocessing``; all checked."""
+    config = {k: v for k, v in resolve_data_config({}, model=model).items() if k in _DATA_KEYS}
+    config['input_size'] = tuple(config['input_size'])
+    chans, min_size = config['input_size'][0], (model.pretrained_cfg.get('min_input_size') or (3, 1, 1))[-1]
+    run = {k: run_args.get(k) for k in _DATA_KEYS}
+    if run['input_size'] is None:  # train.py's --input-size wins over --img-size
+        run['img_size'] = run_args.get('img_size')
+    configs = []
+    for where, values in ((f'{origin}: ', run), ('', preprocessing or {})):
+        for key, value in ((k, v) for k, v in values.items() if v is not None and v != ''):
+            if key in ('img_size', 'test_img_size', 'input_size'):
+                size = value[1:] if key == 'input_size' and isinstance(value, (list, tuple)) and len(value) == 3 \
+                    and value[0] == chans else value
+                size = [size] * 2 if isinstance(size, int) else size
+                if not (isinstance(size, (list, tuple)) and len(size) == 2
+                        and all(type(s) is int and min_size <= s <= MAX_IMG_SIZE for s in size)):
+                    raise ExportError(f'{where}{key} must be one or two integers from {min_size} to {MAX_IMG_SIZE} '
+                                      f'(px){f" after {chans} channels" if key == "input_size" else ""}, got {value!r}')
+                config['test_input_size' if key == 'test_img_size' else 'input_size'] = (chans, *size)
+            elif key in ('crop_pct', 'test_crop_pct'):
+                config[key] = finite_number(value)
+                if config[key] is None or not 0 < config[key] <= 1:
+                    raise ExportError(f'{where}{key} must be a number in (0, 1], got {value!r}')
+            elif key in _CHOICES:
+                if value not in _CHOICES[key]:
+                    raise ExportError(f'{where}{key} must be one of {", ".join(_CHOICES[key])}; got {value!r}')
+                config[key] = value
+            elif key in ('mean', 'std'):
+                numbers = [finite_number(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
+                if len(numbers) not in (1, chans) or None in numbers or (key == 'std' and min(numbers) <= 0):
+                    raise ExportError(f'{where}{key} needs 1 or {chans} finite numbers{" > 0" if key == "std" else ""}'
+                                      f', got {value!r}')
+                config[key] = tuple(numbers * chans if len(numbers) == 1 else numbers)
+            else:
+                raise ExportError(f'unknown preprocessing setting {key!r}; known: {", ".join(PREPROCESSING_KEYS)}')
+        configs.append(dict(config))  # after the run's values, then after the export's
+    return configs[1], configs[0]
 
 
 def _verify(model: nn.Module, folder: Path, data_config: Dict[str, Any], label_names: Optional[Sequence[str]]):
-    """Export files only (no pickle), config.json of strict JSON (no NaN / Infinity), and the folder alone
-    rebuilds the model (same logits), its preprocessing and its class names."""
-    names = sorted(p.name for p in folder.iterdir())
-    if not set(names) <= set(ALLOWED_FILES) or 'model.safetensors' not in names:
-        raise ExportError(f'internal error: the export folder holds {names}')
-
-    def refuse(constant: str):
-        raise ExportError(f'internal error: config.json would hold {constant}, which is not JSON')
-    json.loads((folder / 'config.json').read_text(), parse_constant=refuse)
+    """Export files only, config.json of strict JSON; the folder alone rebuilds the logits, preprocessing, names."""
+    names, constants = sorted(p.name for p in folder.iterdir()), []
+    json.loads((folder / 'config.json').read_text(), parse_constant=constants.append)
+    if constants or not set(names) <= set(ALLOWED_FILES) or 'model.safetensors' not in names:
+        raise ExportError(f'internal error: the export folder holds {names}; config.json non-JSON values: {constants}')
     try:
         reloaded = timm.create_model(f'local-dir:{folder}', pretrained=True).eval()
     except Exception as e:
@@ -183,45 +155,42 @@ def _verify(model: nn.Module, folder: Path, data_config: Dict[str, Any], label_n
 
 
 def export_checkpoint(
-        checkpoint: PathLike, out_dir: PathLike, model_name: Optional[str] = None,
+        checkpoint: Union[str, os.PathLike], out_dir: Union[str, os.PathLike], model_name: Optional[str] = None,
         model_kwargs: Optional[Dict[str, Any]] = None, *, force: bool = False, repo_id: Optional[str] = None,
         license: Optional[str] = None, preprocessing: Optional[Dict[str, Any]] = None,
         label_names: Optional[Sequence[str]] = None, dataset: Optional[str] = None, install: Optional[str] = None,
         verbose: bool = True) -> Path:
-    """Export ``checkpoint`` to the new folder ``out_dir``; returns it. ``model_name`` defaults to the run's
-    (args.yaml); ``force`` replaces a previous export; ``preprocessing`` (``PREPROCESSING_KEYS``),
-    ``label_names`` and ``dataset`` replace the run's; ``license``: a Hub licence id; ``install``: the
-    card's install line. Raises ExportError."""
-    reporter = Reporter(verbose)
+    """Export ``checkpoint`` to the new folder ``out_dir`` (returned), as the CLI's options of the same names
+    describe (``preprocessing``: ``PREPROCESSING_KEYS``); raises ExportError."""
     checkpoint_path, out_dir = Path(checkpoint), Path(out_dir)
-    try:
-        str(out_dir).encode('utf-8')
-    except UnicodeError:
-        raise ExportError(f'the folder name {os.fsencode(out_dir)!r} is not UTF-8 text; choose another') from None
+    if not str(out_dir).isprintable():  # bytes that are not UTF-8 arrive as surrogates, which are not printable
+        raise ExportError(f'folder name {os.fsencode(out_dir)!r} is not UTF-8 text or not printable; choose another')
     if license is not None and license not in HUB_LICENSES:
         raise ExportError(f'--license {license!r} is not a Hub licence id; choose one of {", ".join(HUB_LICENSES)}')
     for name, value in (('--dataset-name', dataset), ('--install', install), ('--repo-id', repo_id)):
         if value is not None and (not value.isprintable() or not value.strip()):
             raise ExportError(f'{name} must be one line of printable text, got {value!r}')
-    staged = StagedFolder(out_dir, force=force, report=reporter.warn)
+    replaces = check_out_dir(out_dir, force)
 
     ckpt = read_checkpoint(checkpoint_path)
-    reporter.progress(f'{checkpoint_path}: weights from "{ckpt.source}"; run arguments from {ckpt.args_origin or "-"}')
-    if model_name is None:
-        model_name = ckpt.args.get('model')
-        if not isinstance(model_name, str):
-            raise ExportError(f'no --model given, and no args.yaml beside {checkpoint_path} (nor the checkpoint) '
-                              f'names one: pass --model NAME, one of {", ".join(sorted(timm.list_models("gsop*")))}')
-    model, kwargs = build_model_from_checkpoint(ckpt, model_name, model_kwargs, reporter)
+    report(f'{checkpoint_path}: weights from "{ckpt.source}"; run arguments from {ckpt.args_origin or "-"}', verbose)
+    model_name = model_name or ckpt.args.get('model')
+    if not isinstance(model_name, str):
+        raise ExportError(f'no --model given, and no args.yaml beside {checkpoint_path} (nor the checkpoint) '
+                          f'names one: pass --model NAME, one of {", ".join(sorted(timm.list_models("gsop*")))}')
+    model, kwargs = build_model_from_checkpoint(ckpt, model_name, model_kwargs, verbose)
     data_config, measured = export_data_config(model, ckpt.args, preprocessing, ckpt.args_origin)
     data_dir, name = ckpt.args.get('data_dir') or ckpt.args.get('data'), str(ckpt.args.get('dataset') or '')
-    if label_names is not None:
-        label_names = check_label_names(label_names, model.num_classes)
-    elif model.num_classes:
+    if label_names is not None and len(label_names) != model.num_classes:
+        raise ExportError(f'{len(label_names)} label names given for a classifier of {model.num_classes} classes')
+    if label_names is not None and len(set(label_names)) != len(label_names):
+        raise ExportError('the label names are not unique')
+    if label_names is None and model.num_classes:
         label_names, origin = run_label_names(ckpt.args, model.num_classes)
-        (reporter.progress if label_names or not (data_dir or name) else reporter.warn)(
-            f'class names from {origin}' if label_names else
-            f'class names not written: {origin}; pass --label-names FILE to give them')
+        if label_names or not (data_dir or name):
+            report(f'class names from {origin}' if label_names else f'class names not written: {origin}', verbose)
+        else:
+            report(f'warning: class names not written: {origin}; pass --label-names FILE to give them')
     if not dataset and (data_dir or '/' in name):
         dataset = f'`{name}`' if '/' in name else f'the image folder `{Path(str(data_dir)).name}`'
 
@@ -230,13 +199,13 @@ def export_checkpoint(
         model.pretrained_cfg, license=license, origin_url=OFFICIAL_CODE_URL if ckpt.official else None)
     # attn_mode / attn_dim are written even where they are the defaults, so that the folder does not depend on them.
     export_args = {k: kwargs[k] for k in ('attn_mode', 'attn_dim') if k in kwargs}
-    with staged as tmp:
-        reporter.progress(f'writing model.safetensors and config.json to {tmp}')
+    with staged_folder(out_dir, replaces) as tmp:
+        report(f'writing model.safetensors and config.json to {tmp}', verbose)
         try:
             timm.models.save_for_hf(
                 model, tmp, model_args=export_args, safe_serialization=True, data_config=data_config,
                 model_config=dict(label_names=list(label_names)) if label_names else None)
-        except (OSError, ExportError):
+        except OSError:
             raise
         except Exception as e:  # safetensors reports write failures (a full disk) as its own error
             raise ExportError(f'cannot write {tmp}: {type(e).__name__}: {e}') from e
@@ -247,19 +216,16 @@ def export_checkpoint(
             license=license, install=install)
         (tmp / 'README.md').write_text(card, encoding='utf-8')
         _verify(model, tmp, data_config, label_names)
-        staged.commit()
     return out_dir
 
 
 def push_checkpoint(
-        checkpoint: PathLike, repo_id: str, model_name: Optional[str] = None,
+        checkpoint: Union[str, os.PathLike], repo_id: str, model_name: Optional[str] = None,
         model_kwargs: Optional[Dict[str, Any]] = None, *, private: bool = False, revision: Optional[str] = None,
         create_pr: bool = False, commit_message: Optional[str] = None, verbose: bool = True, **export_options):
-    """Export ``checkpoint`` (``export_options`` as for ``export_checkpoint``) and upload the folder to the Hub
-    model repo ``repo_id``, as timm's ``push_to_hf_hub`` does; the token is the usual login's (``hf auth
-    login``, ``HF_TOKEN``). Returns huggingface_hub's ``CommitInfo``."""
+    """Export ``checkpoint`` (``export_options`` as for ``export_checkpoint``) and upload it to the Hub model repo
+    ``repo_id`` with the usual login (``hf auth login``, ``HF_TOKEN``); returns huggingface_hub's ``CommitInfo``."""
     from huggingface_hub import get_token
-    reporter = Reporter(verbose)
     if repo_id.count('/') != 1 or not all(repo_id.split('/')):
         raise ExportError(f'repo id {repo_id!r} is not of the form USER/NAME or ORG/NAME')
     if not get_token():
@@ -271,7 +237,7 @@ def push_checkpoint(
         repo_id = api.create_repo(repo_id, repo_type='model', private=private, exist_ok=True).repo_id
         if revision and revision != 'main':
             api.create_branch(repo_id, branch=revision, repo_type='model', exist_ok=True)
-        reporter.progress(f'uploading to {repo_id}' + (f'@{revision}' if revision else ''))
+        report(f'uploading to {repo_id}' + (f'@{revision}' if revision else ''), verbose)
         return api.upload_folder(
             repo_id=repo_id, folder_path=str(folder), repo_type='model', revision=revision, create_pr=create_pr,
             commit_message=commit_message or f'Add {model_name or "GSoP-Net"} weights', ignore_patterns=[MANIFEST])

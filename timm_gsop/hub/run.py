@@ -1,7 +1,5 @@
-"""What a training run left behind: the checkpoint (weights and metadata), train.py's arguments
-(``args.yaml``, else those stored in the checkpoint), its per-epoch ``summary.csv`` and the class names
-of its training set. Only the weights are required: an official GSoP checkpoint or a state dict has no run.
-"""
+"""What a training run left: the checkpoint, train.py's arguments (``args.yaml``, else those the checkpoint
+stores), its ``summary.csv`` and its class names. Only the weights are required (an official or bare state dict)."""
 import argparse
 import csv
 import math
@@ -9,47 +7,33 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
-
-from timm.models import clean_state_dict
+import yaml
 
 from ..models._checkpoint import (
     CheckpointError, check_finite, is_official_state_dict, load_checkpoint_file, state_dict_from_checkpoint)
 
-__all__ = [
-    'ExportError', 'Reporter', 'LoadedCheckpoint', 'read_checkpoint', 'run_label_names', 'check_label_names',
-]
-
-PathLike = Union[str, os.PathLike]
+__all__ = ['ExportError', 'report', 'LoadedCheckpoint', 'read_checkpoint', 'run_label_names']
 
 
 class ExportError(Exception):
     """A checkpoint that cannot be exported, or an export that cannot be written; the message says why."""
 
 
-class Reporter:
-    """``progress(msg)``: lines on stderr when verbose; ``warn(msg)``: always shown."""
-
-    def __init__(self, verbose: bool = True):
-        self.verbose = verbose
-
-    def progress(self, msg: str) -> None:
-        if self.verbose:
-            print(f'timm-gsop: {msg}', file=sys.stderr, flush=True)
-
-    def warn(self, msg: str) -> None:
-        print(f'timm-gsop: warning: {msg}', file=sys.stderr, flush=True)
+def report(msg: str, show: bool = True) -> None:
+    """A line on stderr: progress (``show``: when verbose) or a warning (always)."""
+    if show:
+        print(f'timm-gsop: {msg}', file=sys.stderr, flush=True)
 
 
 def finite_number(value: Any) -> Optional[float]:
     """``value`` as a finite float (a one-element tensor too), else None."""
-    if isinstance(value, torch.Tensor):
-        value = value.flatten()[0].item() if value.numel() == 1 else None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return float(value) if math.isfinite(value) else None
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    finite = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return float(value) if finite else None
 
 
 @dataclass
@@ -66,15 +50,10 @@ class LoadedCheckpoint:
     args_origin: str = ''  # 'args.yaml', or 'the arguments stored in the checkpoint'
     summary: List[Dict[str, float]] = field(default_factory=list)  # summary.csv rows with a whole epoch
 
-    def model_kwargs(self) -> Dict[str, Any]:
-        kwargs = self.args.get('model_kwargs')
-        return dict(kwargs) if isinstance(kwargs, dict) else {}
 
-
-def read_checkpoint(path: PathLike) -> LoadedCheckpoint:
-    """A timm train.py checkpoint (its EMA weights when present), an official GSoP checkpoint, a state
-    dict or a .safetensors file, read with ``torch.load(weights_only=True)``; non-finite values refused.
-    Beside it: train.py's args.yaml (else the checkpoint's stored arguments) and summary.csv."""
+def read_checkpoint(path: Union[str, os.PathLike]) -> LoadedCheckpoint:
+    """A train.py checkpoint (its EMA weights when present), an official one, a state dict or a .safetensors
+    file, non-finite values refused; beside it train.py's args.yaml (else its stored arguments) and summary.csv."""
     path = Path(path)
     try:  # one-line errors for a missing, empty or damaged file, pickled objects, keys that are not names
         checkpoint = load_checkpoint_file(path)
@@ -83,33 +62,26 @@ def read_checkpoint(path: PathLike) -> LoadedCheckpoint:
     except CheckpointError as e:
         raise ExportError(str(e) if str(path) in str(e) else f'{path}: {e}') from e
     meta = checkpoint if source else {}
-    args = meta.get('args')
-    metric = next((finite_number(meta[k]) for k in ('metric', 'best_prec1') if meta.get(k) is not None), None)
     ckpt = LoadedCheckpoint(
         path=path, state_dict=state_dict, source=source or 'top level',
-        official=is_official_state_dict(clean_state_dict(checkpoint[source] if source else checkpoint)),
+        official=is_official_state_dict(checkpoint[source] if source else checkpoint),
         epoch=int(meta['epoch']) if meta.get('epoch') is not None else None,  # a count: checked on loading
-        arch=meta.get('arch') if isinstance(meta.get('arch'), str) else None, metric=metric)
-    args_file, summary_file = path.parent / 'args.yaml', path.parent / 'summary.csv'
+        arch=meta.get('arch') if isinstance(meta.get('arch'), str) else None,
+        metric=next((finite_number(meta[k]) for k in ('metric', 'best_prec1') if meta.get(k) is not None), None))
+    stored = vars(meta['args']) if isinstance(meta.get('args'), argparse.Namespace) else meta.get('args')
+    args_file = path.parent / 'args.yaml'
     if args_file.is_file():
-        ckpt.args, ckpt.args_origin = _read_args_yaml(args_file), 'args.yaml'
-    elif isinstance(args, (dict, argparse.Namespace)) and args:
-        ckpt.args, ckpt.args_origin = dict(vars(args) if isinstance(args, argparse.Namespace) else args), \
-            'the arguments stored in the checkpoint'
-    if summary_file.is_file():
-        ckpt.summary = _read_summary_csv(summary_file)
+        try:
+            ckpt.args, ckpt.args_origin = yaml.safe_load(args_file.read_text(encoding='utf-8')), 'args.yaml'
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+            raise ExportError(f'cannot read {args_file}: {type(e).__name__}; fix or move it') from e
+        if not isinstance(ckpt.args, dict):
+            raise ExportError(f'{args_file} holds no train.py arguments (a YAML mapping)')
+    elif isinstance(stored, dict) and stored:
+        ckpt.args, ckpt.args_origin = dict(stored), 'the arguments stored in the checkpoint'
+    if (path.parent / 'summary.csv').is_file():
+        ckpt.summary = _read_summary_csv(path.parent / 'summary.csv')
     return ckpt
-
-
-def _read_args_yaml(path: Path) -> Dict[str, Any]:
-    import yaml
-    try:
-        args = yaml.safe_load(path.read_text(encoding='utf-8'))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        raise ExportError(f'cannot read {path}: {type(e).__name__}; fix or move it') from e
-    if not isinstance(args, dict):
-        raise ExportError(f'{path} holds no train.py arguments (a YAML mapping)')
-    return args
 
 
 def _read_summary_csv(path: Path) -> List[Dict[str, float]]:
@@ -126,12 +98,8 @@ def _read_summary_csv(path: Path) -> List[Dict[str, float]]:
 
 
 def run_label_names(args: Dict[str, Any], num_classes: int) -> Tuple[Optional[List[str]], str]:
-    """Class names of the run's training set in the classifier's order, and where they came from.
-
-    For an image folder, as timm's folder reader orders them: the names of the class folders (those with
-    an image) in natural sort order (``timm.utils.natural_key``), or the run's ``--class-map``. Folders are
-    listed until their first image, never whole; other datasets (``torch/``, ``hfds/``, ...) are not read.
-    """
+    """(class names in the classifier's order, where they came from): the run's ``--class-map``, else, as timm's
+    folder reader orders them, its class folders (those with an image, listed until the first) by ``natural_key``."""
     from timm.data.dataset_factory import _search_split  # train.py's way from --data-dir to the split folder
     from timm.data import get_img_extensions
     from timm.data.readers.class_map import load_class_map
@@ -145,7 +113,7 @@ def run_label_names(args: Dict[str, Any], num_classes: int) -> Tuple[Optional[Li
     try:
         if args.get('class_map'):
             class_to_idx = load_class_map(args['class_map'], root)
-            names = [n for n, _ in sorted(class_to_idx.items(), key=lambda kv: kv[1])]
+            names = sorted(class_to_idx, key=class_to_idx.get)
         else:
             images = get_img_extensions()  # timm's reader takes the folders that hold images; the first one tells
             names = sorted((e.name for e in os.scandir(root) if e.is_dir() and any(
@@ -156,10 +124,3 @@ def run_label_names(args: Dict[str, Any], num_classes: int) -> Tuple[Optional[Li
         return None, f'the training set has {len(names)} class folders, the classifier {num_classes} classes'
     return names, f'the class folders of {root}'
 
-
-def check_label_names(names: Sequence[str], num_classes: int) -> List[str]:
-    if len(names) != num_classes:
-        raise ExportError(f'{len(names)} label names given for a classifier of {num_classes} classes')
-    if len(set(names)) != len(names):
-        raise ExportError('the label names are not unique')
-    return list(names)
