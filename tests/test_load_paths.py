@@ -261,13 +261,15 @@ UNREADABLE = {'missing': 'No such file or directory', 'folder': 'Is a directory'
 @pytest.mark.parametrize('kind', list(UNREADABLE))
 def test_unreadable_checkpoints_are_one_line_errors(demo, tmp_path, capsys, kind):
     path = _unreadable(kind, tmp_path, demo)
-    with pytest.raises(CheckpointError) as err:
-        state_dict_from_checkpoint(load_checkpoint_file(path))
-    assert UNREADABLE[kind] in str(err.value) and '\n' not in str(err.value)
+    if kind != 'epoch nan':  # only the export reads the epoch (for the card)
+        with pytest.raises(CheckpointError) as err:
+            state_dict_from_checkpoint(load_checkpoint_file(path))
+        assert UNREADABLE[kind] in str(err.value) and '\n' not in str(err.value)
     assert cli.main(['export', str(path), str(tmp_path / 'out'), '--model', 'gsop_resnet50', '-q',
                      '--model-kwargs', 'layers=(1, 1, 1, 1)', 'num_classes=10']) == 1
     err_text = capsys.readouterr().err
     assert 'Traceback' not in err_text and len(err_text.strip().splitlines()) <= 2, err_text
+    assert UNREADABLE[kind] in err_text
     if kind in ('missing', 'folder', 'symlink loop', 'zero bytes'):  # before timm's empty FileNotFoundError / EOFError
         with pytest.raises(CheckpointError, match=re.escape(UNREADABLE[kind])):
             timm.create_model('gsop_resnet50', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **DEMO)

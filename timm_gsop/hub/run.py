@@ -62,10 +62,13 @@ def read_checkpoint(path: Union[str, os.PathLike]) -> LoadedCheckpoint:
     except CheckpointError as e:
         raise ExportError(str(e) if str(path) in str(e) else f'{path}: {e}') from e
     meta = checkpoint if source else {}
+    epoch = meta.get('epoch')  # the card shows it
+    if epoch is not None and (finite_number(epoch) is None or epoch < 0):
+        raise ExportError(f'{path}: the checkpoint says epoch {epoch!r}, not a count of epochs: the file is damaged')
     ckpt = LoadedCheckpoint(
         path=path, state_dict=state_dict, source=source or 'top level',
         official=is_official_state_dict(checkpoint[source] if source else checkpoint),
-        epoch=int(meta['epoch']) if meta.get('epoch') is not None else None,  # a count: checked on loading
+        epoch=None if epoch is None else int(epoch),
         arch=meta.get('arch') if isinstance(meta.get('arch'), str) else None,
         metric=next((finite_number(meta[k]) for k in ('metric', 'best_prec1') if meta.get(k) is not None), None))
     stored = vars(meta['args']) if isinstance(meta.get('args'), argparse.Namespace) else meta.get('args')

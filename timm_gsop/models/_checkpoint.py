@@ -1,11 +1,7 @@
-"""Checkpoints of GSoP-Nets: reading a file, the official code's parameter names, and the error that sets a
-checkpoint's architecture beside the model's and says what to pass (in flags for the export and launcher).
-
-timm's pretrained loader ends in ``checkpoint_filter_fn``; it, ``create_model(checkpoint_path=...)`` and
-train.py end in ``GSoPNet.load_state_dict``.
-"""
+"""Checkpoints of GSoP-Nets: reading a file, the official code's names, and the error that sets a checkpoint's
+architecture beside the model's. timm's pretrained loader ends in ``checkpoint_filter_fn``; it,
+``create_model(checkpoint_path=...)`` and train.py end in ``GSoPNet.load_state_dict``."""
 import argparse
-import math
 import os
 import re
 import shlex
@@ -81,8 +77,8 @@ def load_checkpoint_file(path: Any) -> Any:
         detail = ''.join(f': {line}' for line in str(e).strip().splitlines()[:1])
         raise CheckpointError(
             f'cannot read checkpoint {path}: {type(e).__name__}{detail}. The file is corrupted or truncated, or '
-            f'not one that torch.load(weights_only=True) reads (pickled objects other than tensors and plain '
-            f'containers are refused).') from None
+            f'holds pickled objects other than tensors and containers (torch.load(weights_only=True) refuses them).'
+        ) from None
 
 
 def state_dict_from_checkpoint(checkpoint: Any) -> Tuple[str, Dict[str, Tensor]]:
@@ -98,10 +94,6 @@ def state_dict_from_checkpoint(checkpoint: Any) -> Tuple[str, Dict[str, Tensor]]
         raise CheckpointError(
             f'the checkpoint holds no state dict: expected tensors under "state_dict_ema", "state_dict" or at '
             f'the top level, found {"nothing" if bad is None else f"{bad!r}: {type(state_dict[bad]).__name__}"}')
-    epoch = checkpoint.get('epoch') if source else None  # the export's card shows it
-    if epoch is not None and not (isinstance(epoch, (int, float)) and not isinstance(epoch, bool)
-                                  and math.isfinite(epoch) and epoch >= 0):
-        raise CheckpointError(f'the checkpoint says epoch {epoch!r}, not a count of epochs: the file is damaged')
     return source, clean_state_dict(convert_official_state_dict(state_dict))
 
 
@@ -136,14 +128,12 @@ class StateDictArch:
 
 def inspect_state_dict(state_dict: Mapping[str, Any]) -> StateDictArch:
     """What a state dict (this package's names) says about its architecture; needs shapes only."""
-    blocks: Dict[int, int] = {}
-    attn: Dict[int, bool] = {}
-    for k in state_dict:
-        m = re.match(r'layer(\d+)\.(\d+)\.', k)
-        if m:
-            stage = int(m[1])
-            blocks[stage] = max(blocks.get(stage, 0), int(m[2]) + 1)
-            attn[stage] = attn.get(stage, False) or '.attn.' in k
+    blocks: Dict[int, int] = {}  # per stage
+    attn = set()  # stages with a GSoP block
+    for m in filter(None, (re.match(r'layer(\d+)\.(\d+)\.(attn\.)?', k) for k in state_dict)):
+        blocks[int(m[1])] = max(blocks.get(int(m[1]), 0), int(m[2]) + 1)
+        if m[3]:
+            attn.add(int(m[1]))
     gates = tuple(g for g in ('channel', 'position') if any(f'.attn.{g}_gate.' in k for k in state_dict))
     # fusion_avg and fusion_max have the same parameters: the keys cannot tell them apart
     modes = ('fusion_concat',) if any('.attn.fuse_' in k for k in state_dict) else \
@@ -154,7 +144,7 @@ def inspect_state_dict(state_dict: Mapping[str, Any]) -> StateDictArch:
         return shape[i] if shape is not None and len(shape) > i else None
     stages = sorted(blocks)
     return StateDictArch(
-        layers=tuple(blocks[s] for s in stages), attn_stages=tuple(attn[s] for s in stages), attn_modes=modes,
+        layers=tuple(blocks[s] for s in stages), attn_stages=tuple(s in attn for s in stages), attn_modes=modes,
         attn_dim=dim(r'.*_gate\.conv_reduce\.weight'), isqrt_head='global_pool.conv_reduce.weight' in state_dict,
         cov_dim=dim(r'global_pool\.conv_reduce\.weight'), num_classes=dim(r'fc\.weight') or 0,
         in_chans=dim(r'conv1\.weight', 1), preact='norm.weight' in state_dict and 'bn1.weight' not in state_dict)
@@ -238,10 +228,9 @@ def _how_to_fit(ckpt: StateDictArch, model: StateDictArch, model_name: str, chec
 def check_state_dict_fits(state_dict: Mapping[str, Any], model: nn.Module, check_classifier: bool = True,
                           model_name: Optional[str] = None, cli: bool = False, path: Optional[str] = None,
                           ignore: Sequence[str] = ()) -> None:
-    """Raise a CheckpointError when ``state_dict`` does not load strictly into ``model`` (``fc.*`` left out
-    without ``check_classifier``, and ``ignore``). The message sets the checkpoint's architecture beside the
-    model's and says what to pass, as create_model keywords or, with ``cli``, as train.py/validate.py/export
-    flags; for other classes also how to fine-tune from it (``path``: the checkpoint's file)."""
+    """Raise a CheckpointError when ``state_dict`` does not load strictly into ``model`` (but ``ignore`` and,
+    without ``check_classifier``, ``fc.*``), saying what to pass: create_model keywords or, with ``cli``,
+    train.py/validate.py/export flags; for other classes also how to fine-tune from the file ``path``."""
     target = model.state_dict()
     skip = tuple(ignore) + (() if check_classifier else ('fc.weight', 'fc.bias'))
     # PyTorch 0.4 checkpoints have no BN step counters; they do not change outputs and torch fills them in.
