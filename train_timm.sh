@@ -178,7 +178,7 @@ if [[ "$DEMO" == 1 ]]; then
     DEVICE=cuda
   fi
   # A reduced-depth GSoP-Net1 (one bottleneck per stage, a GSoP block in each) at 64 px, 600
-  # training images: a few minutes on 2 CPU cores, far above chance (10%) on the 10 shapes.
+  # training images: about a minute on 2 CPU cores, far above chance (10%) on the 10 shapes.
   PRE_ARGS=(
     --data-dir "$DEMO_DIR" --model gsop_resnet50 --model-kwargs 'layers=(1,1,1,1)' --num-classes 10
     --img-size 64 --crop-pct 1.0 --scale 0.5 1 --color-jitter 0 --smoothing 0.1

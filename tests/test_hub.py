@@ -42,7 +42,9 @@ def net1_run(tmp_path_factory):
         model='gsop_resnet50', model_kwargs={'attn_mode': 'position', 'attn_dim': ATTN_DIM}, num_classes=NUM_CLASSES,
         epochs=3, batch_size=32, opt='sgd', lr=0.1, momentum=0.9, weight_decay=1e-4, sched='cosine',
         decay_epochs=90, decay_rate=0.1, mixup=0.0, mixup_prob=1.0, workers=8, device='cuda:0',
-        model_ema=True, data_dir='/home/someone/data/imagenet', output='/home/someone/out', dataset='')
+        model_ema=True, data_dir='/home/someone/data/imagenet', output='/home/someone/out', dataset='',
+        lr_base=0.1, lr_base_size=256, kd_temperature=4.0, naflex_max_seq_len=576, clip_mode='norm',
+        train_size_schedule='constant', layer_decay_min_scale=0)
     checkpoint = write_run(
         tmp_path_factory.mktemp('train') / 'gsop_resnet50-run', model, args, ema=ema, epoch=1, metric=52.5,
         summary='epoch,train_loss,eval_loss,eval_top1,eval_top5,lr\n'
@@ -104,6 +106,7 @@ def test_export_net1_ema_round_trip_and_card(net1_run, tmp_path, capsys, monkeyp
     torch.testing.assert_close(got, net1_run['logits'], rtol=0, atol=0)
     assert not torch.allclose(got, net1_run['logits_not_ema'], atol=1e-3)
     weights = safetensors.torch.load_file(out / 'model.safetensors')
+    assert (out / 'model.safetensors').stat().st_mode == (out / 'config.json').stat().st_mode  # not 0600
     assert weights['layer1.2.attn.position_gate.conv_reduce.weight'].shape[0] == ATTN_DIM
 
     readme = (out / 'README.md').read_text()
@@ -122,6 +125,8 @@ def test_export_net1_ema_round_trip_and_card(net1_run, tmp_path, capsys, monkeyp
     assert {'lr: 0.1', 'sched: cosine', 'epochs: 3', 'opt: sgd', 'momentum: 0.9', 'model_ema: true'} <= set(recipe)
     # what did not apply (step decay beside cosine, mixup settings without mixup) and the machine are left out
     assert not [line for line in recipe if line.startswith(('decay_', 'mixup_', 'workers', 'device', 'output'))]
+    # lr given (no lr_base scaling), no teacher, no naflex loader, no clipping, no layer decay, one image size
+    assert not [line for line in recipe if line.startswith(('lr_base', 'kd_', 'naflex_', 'clip_', 'layer_', 'train_'))]
     assert 'mixup: 0.0' in recipe  # set, and off
     assert '/home/someone' not in readme  # no local paths published; the data folder by its own name:
     assert '**Training data:** the image folder `imagenet`' in readme

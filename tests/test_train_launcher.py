@@ -298,7 +298,7 @@ def _run_folder(tmp_path, **run_args):
     args = dict(model='gsop_resnet50', model_kwargs={'layers': [1, 1, 1, 1], 'attn_mode': 'channel'},
                 num_classes=10, img_size=64, input_size=None, crop_pct=1.0, mean=[0.5, 0.4, 0.3], std=None,
                 interpolation='', device='cpu', data_dir=str(tmp_path / 'data'), dataset='', val_split='validation',
-                model_ema=True, no_prefetcher=False, epochs=5)
+                model_ema=True, no_prefetcher=False, epochs=5, workers=1)
     args.update(run_args)
     (run / 'args.yaml').write_text(yaml.safe_dump(args))
     return run
@@ -315,7 +315,7 @@ def test_validate_takes_the_run_settings_from_args_yaml(tmp_path):
     assert argv == [
         '--model', 'gsop_resnet50', '--model-kwargs', 'attn_mode=channel', 'layers=[1, 1, 1, 1]',
         '--num-classes', '10', '--img-size', '64', '--mean', '0.5', '0.4', '0.3', '--device', 'cpu',
-        '--data-dir', str(tmp_path / 'data'), '--split', 'validation', '--use-ema',
+        '--data-dir', str(tmp_path / 'data'), '--split', 'validation', '--use-ema', '--workers', '1',
         '--checkpoint', str(run / 'model_best.pth.tar'), '--crop-pct', '0.9']  # the user's crop wins
     assert f'from {run / "args.yaml"}' in proc.stderr
     # the user's --input-size stands for the run's --img-size too

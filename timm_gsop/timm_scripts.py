@@ -155,7 +155,7 @@ _RUN_TO_VALIDATE = {
     'input_size': '--input-size', 'img_size': '--img-size', 'crop_pct': '--crop-pct', 'mean': '--mean',
     'std': '--std', 'interpolation': '--interpolation', 'gp': '--gp', 'device': '--device',
     'data_dir': '--data-dir', 'dataset': '--dataset', 'val_split': '--split', 'class_map': '--class-map',
-    'no_prefetcher': '--no-prefetcher', 'model_ema': '--use-ema',
+    'no_prefetcher': '--no-prefetcher', 'model_ema': '--use-ema', 'workers': '--workers',
 }
 _ALIASES = {'--model': ('-m',), '--img-size': ('--input-size',), '--input-size': ('--img-size',)}
 

@@ -47,7 +47,11 @@ def _applies(key: str, args: Dict[str, Any]) -> bool:
             ('lr_noise_', bool(args.get('lr_noise'))), ('warmup_lr', bool(args.get('warmup_epochs'))),
             ('warmup_prefix', bool(args.get('warmup_epochs'))), ('model_ema_', bool(args.get('model_ema'))),
             ('mixup_', mixup or bool(args.get('cutmix_minmax'))), ('amp_', bool(args.get('amp'))),
-            ('bce_', bool(args.get('bce_loss'))), ('remode', reprob), ('recount', reprob), ('resplit', reprob)):
+            ('bce_', bool(args.get('bce_loss'))), ('remode', reprob), ('recount', reprob), ('resplit', reprob),
+            ('lr_base', not args.get('lr')), ('kd_', bool(args.get('kd_model_name'))),
+            ('naflex_', bool(args.get('naflex_loader'))), ('clip_mode', args.get('clip_grad') is not None),
+            ('layer_decay_', args.get('layer_decay') is not None),
+            (('train_size_', 'train_batch_sizes'), args.get('train_img_sizes') is not None)):
         if key.startswith(prefix):
             return applies
     return True

@@ -209,6 +209,7 @@ def export_checkpoint(
             raise
         except Exception as e:  # safetensors reports write failures (a full disk) as its own error
             raise ExportError(f'cannot write {tmp}: {type(e).__name__}: {e}') from e
+        os.chmod(tmp / 'model.safetensors', (tmp / 'config.json').stat().st_mode)  # safetensors writes 0600
         card = model_card(
             model=model, model_name=model_name, model_args=json.loads((tmp / 'config.json').read_text())['model_args'],
             checkpoint=ckpt, data_config=data_config, measured_config=measured, label_names=label_names,
