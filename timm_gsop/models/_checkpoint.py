@@ -19,8 +19,7 @@ __all__ = ['CheckpointError', 'StateDictArch', 'inspect_state_dict', 'check_fini
 
 
 class CheckpointError(ValueError, RuntimeError):
-    """A checkpoint that cannot be read, holds non-finite values or does not fit the model; the message
-    says what to do. A RuntimeError too, as what torch's ``load_state_dict`` raises."""
+    """A checkpoint that cannot be read, is not finite or does not fit (a RuntimeError, as torch's raises)."""
 
 
 # Official module names -> ours: inside a stage's bottleneck (layerN.i.NAME.*) or, for Net2's head, at the top.
@@ -109,11 +108,7 @@ class StateDictArch:
     num_classes: int  # 0 without a classifier
     in_chans: Optional[int]
     preact: bool  # the CIFAR pre-activation ResNet (a final norm, no stem BN)
-
-    @property
-    def attn_mode(self) -> Optional[str]:
-        """The attention mode, or None where the weights cannot tell (fusion_avg and fusion_max)."""
-        return self.attn_modes[0] if len(self.attn_modes) == 1 else None
+    attn_mode: Optional[str]  # the one of attn_modes, None where the weights cannot tell
 
     def describe(self) -> str:
         if not self.layers:
@@ -147,7 +142,8 @@ def inspect_state_dict(state_dict: Mapping[str, Any]) -> StateDictArch:
         layers=tuple(blocks[s] for s in stages), attn_stages=tuple(s in attn for s in stages), attn_modes=modes,
         attn_dim=dim(r'.*_gate\.conv_reduce\.weight'), isqrt_head='global_pool.conv_reduce.weight' in state_dict,
         cov_dim=dim(r'global_pool\.conv_reduce\.weight'), num_classes=dim(r'fc\.weight') or 0,
-        in_chans=dim(r'conv1\.weight', 1), preact='norm.weight' in state_dict and 'bn1.weight' not in state_dict)
+        in_chans=dim(r'conv1\.weight', 1), preact='norm.weight' in state_dict and 'bn1.weight' not in state_dict,
+        attn_mode=modes[0] if len(modes) == 1 else None)
 
 
 def check_finite(state_dict: Mapping[str, Any], model: Optional[nn.Module] = None) -> None:
@@ -242,7 +238,7 @@ def check_state_dict_fits(state_dict: Mapping[str, Any], model: nn.Module, check
         return
     ckpt, ours = inspect_state_dict(state_dict), inspect_state_dict(target)
     if getattr(model, 'attn_mode', None) in ours.attn_modes:  # fusion_avg / fusion_max: the model knows which
-        ours = replace(ours, attn_modes=(model.attn_mode,))
+        ours = replace(ours, attn_modes=(model.attn_mode,), attn_mode=model.attn_mode)
     name = model_name or (getattr(model, 'pretrained_cfg', None) or {}).get('architecture') or type(model).__name__
     raise CheckpointError(
         f'The checkpoint does not fit this {name} model.\n'
