@@ -41,17 +41,15 @@ def _applies(key: str, args: Dict[str, Any]) -> bool:
         return getattr(info, 'has_' + key.removeprefix('opt_'))  # has_momentum, has_betas, has_eps
     sched, reprob, mixup = args.get('sched'), bool(args.get('reprob')), bool(args.get('mixup') or args.get('cutmix'))
     for prefix, applies in (
-            ('decay_epochs', sched == 'step'), ('decay_milestones', sched == 'multistep'),
+            ('decay_epochs', sched == 'step'), ('decay_milestones', sched == 'multistep'), ('lr_k', sched == 'poly'),
             ('decay_rate', sched in ('step', 'multistep', 'plateau')), ('patience_epochs', sched == 'plateau'),
-            ('lr_k', sched == 'poly'), ('lr_cycle_', sched in ('cosine', 'tanh', 'poly')),
-            ('lr_noise_', bool(args.get('lr_noise'))), ('warmup_lr', bool(args.get('warmup_epochs'))),
-            ('warmup_prefix', bool(args.get('warmup_epochs'))), ('model_ema_', bool(args.get('model_ema'))),
-            ('mixup_', mixup or bool(args.get('cutmix_minmax'))), ('amp_', bool(args.get('amp'))),
-            ('bce_', bool(args.get('bce_loss'))), ('remode', reprob), ('recount', reprob), ('resplit', reprob),
-            ('lr_base', not args.get('lr')), ('kd_', bool(args.get('kd_model_name'))),
-            ('naflex_', bool(args.get('naflex_loader'))), ('clip_mode', args.get('clip_grad') is not None),
-            ('layer_decay_', args.get('layer_decay') is not None),
-            (('train_size_', 'train_batch_sizes'), args.get('train_img_sizes') is not None)):
+            ('lr_cycle_', sched in ('cosine', 'tanh', 'poly')), ('lr_noise_', bool(args.get('lr_noise'))),
+            (('warmup_lr', 'warmup_prefix'), bool(args.get('warmup_epochs'))), ('lr_base', not args.get('lr')),
+            ('model_ema_', bool(args.get('model_ema'))), ('mixup_', mixup or bool(args.get('cutmix_minmax'))),
+            ('amp_', bool(args.get('amp'))), ('bce_', bool(args.get('bce_loss'))), (('remode', 'recount'), reprob),
+            ('resplit', reprob), ('kd_', bool(args.get('kd_model_name'))), ('naflex_', bool(args.get('naflex_loader'))),
+            ('clip_mode', args.get('clip_grad') is not None), ('layer_decay_', args.get('layer_decay') is not None),
+            (('train_size_', 'train_batch_sizes'), bool(args.get('train_img_sizes')))):
         if key.startswith(prefix):
             return applies
     return True
