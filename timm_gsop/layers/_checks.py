@@ -1,10 +1,12 @@
 """Argument checks that name the argument: a ValueError a user can act on, not a torch-internal message."""
-from typing import Any
+from typing import Any, Optional
 
-__all__ = ['check_positive_int']
+__all__ = ['check_int']
 
 
-def check_positive_int(name: str, value: Any) -> None:
-    """Raise unless ``value`` is an integer >= 1 (a bool is not)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f'{name} must be a positive integer, got {value!r}')
+def check_int(name: str, value: Any, low: int = 1, high: Optional[int] = None, why: str = '') -> None:
+    """Raise a ValueError naming the argument unless ``value`` is an int (not a bool) in [low, high]."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        bounds = f'an integer in [{low}, {high}]{why}' if high is not None else \
+            'a positive integer' if low == 1 else f'an integer >= {low}'
+        raise ValueError(f'{name} must be {bounds}, got {value!r}')

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from timm.layers import LayerType, create_act_layer, get_norm_layer, register_notrace_module
 
-from ._checks import check_positive_int
+from ._checks import check_int
 from .config import use_fused_gsop
 from .covariance import autocast_off, covariance, position_covariance
 from .fused_ops import batch_norm_stats_, bn_relu_cov, gate_product, join_reduction, relu_reduce
@@ -268,7 +268,7 @@ class GSoPAttn(nn.Module):
             raise ValueError("GSoPAttn needs an attention mode; leave the layer out for attn_mode='none'.")
         for name, value in (('channels', channels), ('attn_dim', attn_dim), ('reduce_stride', reduce_stride),
                             ('pool_size', pool_size)):
-            check_positive_int(name, value)
+            check_int(name, value)
         norm_layer = get_norm_layer(norm_layer)
         self.attn_mode = mode
         self.reduce_stride = reduce_stride

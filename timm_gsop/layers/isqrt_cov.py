@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 from timm.layers import LayerType, create_act_layer, get_norm_layer, register_notrace_function
 
-from ._checks import check_positive_int
+from ._checks import check_int
 from .covariance import autocast_off, covariance, second_order_dtype
 
 __all__ = ['sqrtm_newton_schulz', 'triu_vec', 'triu_indices', 'IsqrtCovPool']
@@ -96,8 +96,8 @@ class IsqrtCovPool(nn.Module):
     ):
         dd = {'device': device, 'dtype': dtype}
         super().__init__()
-        check_positive_int('cov_dim', cov_dim)
-        check_positive_int('num_iter', num_iter)
+        check_int('cov_dim', cov_dim)
+        check_int('num_iter', num_iter)
         self.cov_dim = cov_dim
         self.num_iter = num_iter
         self.eps = eps

@@ -18,6 +18,7 @@ from timm.models import build_model_with_cfg, checkpoint_seq, resolve_pretrained
 from timm.models._features import feature_take_indices
 
 from ..layers import GSoPAttn, IsqrtCovPool, resolve_attn_mode
+from ..layers._checks import check_int
 from ._checkpoint import (
     check_finite, check_state_dict_fits, checkpoint_filter_fn, convert_official_state_dict, load_checkpoint_file)
 
@@ -33,13 +34,6 @@ GLOBAL_POOLS = ('avg', 'max', 'avgmax', 'catavgmax', 'fast', 'fastavg', 'fastmax
 MAX_BLOCKS_PER_STAGE = 1000
 MAX_CLASSES = 1_000_000
 MAX_CHANNELS = 4096  # in_chans, stem_chs
-
-
-def check_int(name: str, value: Any, low: int = 1, high: Optional[int] = None, why: str = '') -> None:
-    """Raise a ValueError naming the argument unless ``value`` is an int (not a bool) in [low, high]."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
-        bounds = f'>= {low}' if high is None else f'in [{low}, {high}]{why}'
-        raise ValueError(f'{name} must be an integer {bounds}, got {value!r}')
 
 
 def check_attn_mode(attn_mode: Any) -> str:

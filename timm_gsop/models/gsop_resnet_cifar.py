@@ -27,7 +27,8 @@ from torch import Tensor, nn
 from timm.layers import LayerType, get_act_layer, get_norm_layer
 from timm.models import generate_default_cfgs, register_model
 
-from ._base import MAX_CHANNELS, GSoPBottleneckBase, GSoPNet, check_int, create_gsop_model, make_blocks, resolve_layer
+from ..layers._checks import check_int
+from ._base import MAX_CHANNELS, GSoPBottleneckBase, GSoPNet, create_gsop_model, make_blocks, resolve_layer
 
 __all__ = ['GSoPResNetCifar', 'GSoPPreActBottleneck', 'CIFAR100_MEAN', 'CIFAR100_STD']
 
