@@ -5,6 +5,7 @@ is tested with a temporary cache and a clone URL that cannot work.
 """
 import argparse
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -392,3 +393,18 @@ def test_unreadable_checkpoint_is_one_line(tmp_path, content):
     with pytest.raises(LaunchError, match="^--model gsop_resnet50 with these options: ValueError: .*'channel'"):
         check_checkpoint('validate.py', ['--model', 'gsop_resnet50', '--model-kwargs', 'attn_mode=foo',
                                          '--checkpoint', str(_run_folder(tmp_path) / 'model_best.pth.tar')])
+
+
+@pytest.mark.parametrize('bad', ['nan', 'float64 1e300'])
+def test_launcher_refuses_non_finite_weights_before_the_script_runs(tmp_path, bad):
+    import torch
+    run = _run_folder(tmp_path)
+    ckpt = run / 'model_best.pth.tar'
+    state_dict = torch.load(ckpt)['state_dict']
+    state_dict['fc.bias'] = (state_dict['fc.bias'].double() * 1e300 if bad != 'nan'
+                             else torch.full_like(state_dict['fc.bias'], float('nan')))
+    torch.save({'state_dict': state_dict}, ckpt)
+    with pytest.raises(LaunchError, match=f'^{re.escape(str(ckpt))}: The checkpoint holds non-finite values') as e:
+        check_checkpoint('validate.py', ['--model', 'gsop_resnet50', '--model-kwargs', 'layers=(1,1,1,1)',
+                                         '--num-classes', '10', '--checkpoint', str(ckpt)])
+    assert 'fc.bias' in str(e.value)

@@ -209,7 +209,8 @@ def run_defaults(argv: List[str]) -> List[str]:
 
 
 def check_checkpoint(name: str, argv: List[str]) -> None:
-    """Refuse a checkpoint that does not fit the model the flags describe, saying which flags fit.
+    """Refuse a checkpoint that does not fit the model the flags describe, saying which flags fit, or that
+    holds values non-finite in it.
 
     The scripts load it strictly into that model; this says the same in launcher flags, before any work.
     """
@@ -222,7 +223,7 @@ def check_checkpoint(name: str, argv: List[str]) -> None:
     import timm
     from timm.utils import ParseKwargs
     from .models._checkpoint import (
-        CheckpointError, check_state_dict_fits, load_checkpoint_file, state_dict_from_checkpoint)
+        CheckpointError, check_finite, check_state_dict_fits, load_checkpoint_file, state_dict_from_checkpoint)
     if model_name not in timm.list_models('gsop*'):
         return
     parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
@@ -243,8 +244,9 @@ def check_checkpoint(name: str, argv: List[str]) -> None:
                 model_name, num_classes=flags.num_classes, in_chans=flags.in_chans or 3, **flags.model_kwargs)
     except (RuntimeError, TypeError, ValueError) as e:
         raise LaunchError(f'--model {model_name} with these options: {first_line(e)}')
-    try:
+    try:  # what the model's load_state_dict refuses, said before the script starts
         check_state_dict_fits(state_dict, model, model_name=model_name, cli=True, path=path)
+        check_finite(state_dict, model)
     except CheckpointError as e:
         raise LaunchError(f'{path}: {e}')
 
