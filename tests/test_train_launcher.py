@@ -389,7 +389,14 @@ def test_unreadable_checkpoint_is_one_line(tmp_path, content):
     ckpt.write_bytes(content)
     with pytest.raises(LaunchError) as e:
         check_checkpoint('train.py', ['--model', 'gsop_resnet50', '--resume', str(ckpt)])
-    assert str(e.value).startswith(f'{ckpt} is not a readable checkpoint (') and '\n' not in str(e.value)
+    message = str(e.value)
+    assert message.startswith(f'cannot read checkpoint {ckpt}: ') and message.count(str(ckpt)) == 1
+    assert 'The file is corrupted or truncated' in message and '\n' not in message
+    import torch
+    torch.save({'state_dict': {'fc.weight': 1.0}}, ckpt)  # a file, but no state dict
+    no_state_dict = f"^{re.escape(str(ckpt))}: the checkpoint holds no state dict: .*'fc.weight'"
+    with pytest.raises(LaunchError, match=no_state_dict):
+        check_checkpoint('train.py', ['--model', 'gsop_resnet50', '--resume', str(ckpt)])
     with pytest.raises(LaunchError, match="^--model gsop_resnet50 with these options: ValueError: .*'channel'"):
         check_checkpoint('validate.py', ['--model', 'gsop_resnet50', '--model-kwargs', 'attn_mode=foo',
                                          '--checkpoint', str(_run_folder(tmp_path) / 'model_best.pth.tar')])

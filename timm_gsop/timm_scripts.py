@@ -235,9 +235,13 @@ def check_checkpoint(name: str, argv: List[str]) -> None:
         return f'{type(e).__name__}: {str(e).splitlines()[0]}' if str(e).strip() else type(e).__name__
 
     try:
-        _, state_dict = state_dict_from_checkpoint(load_checkpoint_file(path))
-    except Exception as e:  # whatever the file holds, one line (pickle never runs: weights_only)
-        raise LaunchError(f'{path} is not a readable checkpoint ({first_line(e)})')
+        checkpoint = load_checkpoint_file(path)  # pickle never runs: weights_only
+    except CheckpointError as e:
+        raise LaunchError(str(e))  # one line naming the file and why
+    try:
+        _, state_dict = state_dict_from_checkpoint(checkpoint)
+    except CheckpointError as e:
+        raise LaunchError(f'{path}: {e}')
     try:
         with torch.device('meta'):  # shapes only
             model = timm.create_model(
