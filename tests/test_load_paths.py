@@ -183,8 +183,12 @@ def test_launcher_style_advice_is_flags_that_train_py_parses(demo):
     msg = str(err.value)
     assert "Pass the arguments it was trained with: --model-kwargs 'layers=(1,1,1,1)' --num-classes 10" in msg
     tune = f"--pretrained --pretrained-path {demo['path']} --model-kwargs 'layers=(1,1,1,1)' --num-classes 5"
-    assert f'to fine-tune it for 5 classes, load it as pretrained weights: {tune}' in msg
-    assert 'timm.create_model' not in msg and 'initial-checkpoint' not in msg
+    assert ('to fine-tune it for 5 classes, load it as pretrained weights in place of --initial-checkpoint: '
+            f'{tune}') in msg
+    assert 'timm.create_model' not in msg
+    with pytest.raises(CheckpointError) as err:  # no file that starts a new run (validate.py, --resume, export)
+        check_state_dict_fits(state_dict, model, cli=True)
+    assert '--num-classes 10' in str(err.value) and 'fine-tune' not in str(err.value)
     words = shlex.split(tune)  # what a shell hands to train.py; its --model-kwargs values go through literal_eval
     key, value = words[words.index('--model-kwargs') + 1].split('=')
     assert (key, ast.literal_eval(value)) == ('layers', (1, 1, 1, 1))

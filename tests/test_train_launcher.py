@@ -12,10 +12,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import timm
 
 from timm_gsop import recipes
 from timm_gsop.timm_scripts import (
-    LaunchError, TimmScriptNotFound, check_checkpoint, checkout_dir, find_script, run_defaults, timm_git_ref)
+    LaunchError, TimmScriptNotFound, check_args, checkout_dir, find_script, run_defaults, timm_git_ref)
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / 'train_timm.sh'
@@ -335,26 +336,54 @@ def test_unreadable_args_yaml_is_one_line(tmp_path, content):
 
 def test_checkpoint_mismatch_speaks_in_launcher_flags(tmp_path):
     ckpt = str(_run_folder(tmp_path) / 'model_best.pth.tar')
-    check_checkpoint('validate.py', ['--model', 'gsop_resnet50', '--model-kwargs', 'layers=(1,1,1,1)',
+    check_args('validate.py', ['--model', 'gsop_resnet50', '--model-kwargs', 'layers=(1,1,1,1)',
                                      '--num-classes', '10', '--checkpoint', ckpt])  # fits: no error
     with pytest.raises(LaunchError) as e:
-        check_checkpoint('validate.py', ['--model', 'gsop_resnet50', '--checkpoint', ckpt])
+        check_args('validate.py', ['--model', 'gsop_resnet50', '--checkpoint', ckpt])
     msg = str(e.value)
     assert '--model-kwargs' in msg and 'layers=' in msg and 'timm.create_model(' not in msg
     with pytest.raises(LaunchError) as e:
-        check_checkpoint('train.py', ['--model', 'gsop_resnet50', '--num-classes', '10', '--resume', ckpt])
+        check_args('train.py', ['--model', 'gsop_resnet50', '--num-classes', '10', '--resume', ckpt])
     assert '--model-kwargs' in str(e.value)
 
 
 def test_fine_tuning_with_initial_checkpoint_names_pretrained_path(tmp_path):
     ckpt = str(_run_folder(tmp_path) / 'model_best.pth.tar')
     with pytest.raises(LaunchError) as e:
-        check_checkpoint('train.py', ['--model', 'gsop_resnet50', '--model-kwargs', 'layers=(1,1,1,1)',
-                                      '--num-classes', '3', '--initial-checkpoint', ckpt])
+        check_args('train.py', ['--model', 'gsop_resnet50', '--model-kwargs', 'layers=(1,1,1,1)',
+                                '--num-classes', '3', '--initial-checkpoint', ckpt])
     message = str(e.value)
     assert '--num-classes 10' in message  # to keep its classifier
-    assert f'--pretrained --pretrained-path {ckpt}' in message and '--num-classes 3' in message  # to fine-tune
-    assert 'timm.create_model(' not in message
+    assert f'in place of --initial-checkpoint: --pretrained --pretrained-path {ckpt}' in message  # to fine-tune
+    assert '--num-classes 3' in message and 'timm.create_model(' not in message
+    for option in ('--checkpoint', '--resume'):  # these continue or score the run: no fine-tuning advice
+        with pytest.raises(LaunchError) as e:
+            check_args('validate.py' if option == '--checkpoint' else 'train.py',
+                       ['--model', 'gsop_resnet50', '--model-kwargs', 'layers=(1,1,1,1)', '--num-classes', '3',
+                        option, ckpt])
+        assert '--num-classes 10' in str(e.value) and 'fine-tune' not in str(e.value)
+
+
+@pytest.mark.parametrize('script', ['train.py', 'validate.py', 'benchmark.py'])
+def test_launcher_refuses_what_the_script_would_refuse_with_a_traceback(tmp_path, script):
+    def refused(*argv):
+        with pytest.raises(LaunchError) as e:
+            check_args(script, list(argv))
+        assert '\n' not in str(e.value)
+        return str(e.value)
+
+    assert refused('--model', 'gsop_resnet5') == (
+        "unknown model 'gsop_resnet5'; the GSoP-Net models: " + ', '.join(timm.list_models('gsop*')))
+    assert 'attn_mode=none' in refused('--model', 'gsop_resnet50', '--model-kwargs', 'attn_mode=None')
+    assert refused('--model', 'gsop_resnet50', '--model-kwargs', 'attn_mode=chanel').startswith(
+        "--model gsop_resnet50 with these options: ValueError: ")
+    check_args(script, ['--model', 'gsop_resnet50', '--model-kwargs', 'attn_mode=none'])  # the ablation builds
+    check_args(script, ['--model', 'resnet5'])  # another family: the script's own error
+    if script != 'benchmark.py':
+        option = '--checkpoint' if script == 'validate.py' else '--resume'
+        missing = tmp_path / 'model_bset.pth.tar'
+        assert refused('--model', 'gsop_resnet50', option, str(missing)) == (
+            f'cannot read checkpoint {missing}: No such file or directory')
 
 
 def test_launcher_refuses_a_mismatch_before_the_script_runs(tmp_path):
@@ -388,7 +417,7 @@ def test_unreadable_checkpoint_is_one_line(tmp_path, content):
     ckpt = tmp_path / 'broken.pth.tar'
     ckpt.write_bytes(content)
     with pytest.raises(LaunchError) as e:
-        check_checkpoint('train.py', ['--model', 'gsop_resnet50', '--resume', str(ckpt)])
+        check_args('train.py', ['--model', 'gsop_resnet50', '--resume', str(ckpt)])
     message = str(e.value)
     assert message.startswith(f'cannot read checkpoint {ckpt}: ') and message.count(str(ckpt)) == 1
     assert 'The file is corrupted or truncated' in message and '\n' not in message
@@ -396,9 +425,9 @@ def test_unreadable_checkpoint_is_one_line(tmp_path, content):
     torch.save({'state_dict': {'fc.weight': 1.0}}, ckpt)  # a file, but no state dict
     no_state_dict = f"^{re.escape(str(ckpt))}: the checkpoint holds no state dict: .*'fc.weight'"
     with pytest.raises(LaunchError, match=no_state_dict):
-        check_checkpoint('train.py', ['--model', 'gsop_resnet50', '--resume', str(ckpt)])
+        check_args('train.py', ['--model', 'gsop_resnet50', '--resume', str(ckpt)])
     with pytest.raises(LaunchError, match="^--model gsop_resnet50 with these options: ValueError: .*'channel'"):
-        check_checkpoint('validate.py', ['--model', 'gsop_resnet50', '--model-kwargs', 'attn_mode=foo',
+        check_args('validate.py', ['--model', 'gsop_resnet50', '--model-kwargs', 'attn_mode=foo',
                                          '--checkpoint', str(_run_folder(tmp_path) / 'model_best.pth.tar')])
 
 
@@ -412,6 +441,6 @@ def test_launcher_refuses_non_finite_weights_before_the_script_runs(tmp_path, ba
                              else torch.full_like(state_dict['fc.bias'], float('nan')))
     torch.save({'state_dict': state_dict}, ckpt)
     with pytest.raises(LaunchError, match=f'^{re.escape(str(ckpt))}: The checkpoint holds non-finite values') as e:
-        check_checkpoint('validate.py', ['--model', 'gsop_resnet50', '--model-kwargs', 'layers=(1,1,1,1)',
+        check_args('validate.py', ['--model', 'gsop_resnet50', '--model-kwargs', 'layers=(1,1,1,1)',
                                          '--num-classes', '10', '--checkpoint', str(ckpt)])
     assert 'fc.bias' in str(e.value)

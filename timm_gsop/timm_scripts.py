@@ -13,9 +13,10 @@ The scripts live in timm's repository, not in its pip package. They are looked u
 When all fail (offline, no git) a ``TimmScriptNotFound`` says how to set the variables.
 
 Before running validate.py, the options it is not given are taken from the training run's ``args.yaml``
-beside ``--checkpoint`` (model, its kwargs, classes, preprocessing, device, dataset). Before loading a
-checkpoint (validate.py's ``--checkpoint``, train.py's ``--initial-checkpoint`` / ``--resume``), its
-weights are checked against the model the flags describe, and a mismatch says which flags fit.
+beside ``--checkpoint`` (model, its kwargs, classes, preprocessing, device, dataset). Before any script runs, a
+GSoP model's name and keywords are checked, and a checkpoint it would load (validate.py's ``--checkpoint``,
+train.py's ``--initial-checkpoint`` / ``--resume``) is checked against the model the flags describe: a mismatch
+says which flags fit.
 
     python -m timm_gsop.timm_scripts train.py     # print the path, fetching the checkout if needed
     python timm_gsop/timm_scripts.py --cache-dir  # print the cache folder (stdlib only: no torch import)
@@ -31,7 +32,7 @@ from typing import List, Optional
 
 __all__ = [
     'TimmScriptNotFound', 'LaunchError', 'timm_git_ref', 'cache_dir', 'checkout_dir', 'find_script', 'run_defaults',
-    'check_checkpoint', 'run_script',
+    'check_args', 'run_script',
 ]
 
 TIMM_REPO_URL = 'https://github.com/huggingface/pytorch-image-models'
@@ -208,48 +209,51 @@ def run_defaults(argv: List[str]) -> List[str]:
     return out
 
 
-def check_checkpoint(name: str, argv: List[str]) -> None:
-    """Refuse a checkpoint that does not fit the model the flags describe, saying which flags fit, or that
-    holds values non-finite in it.
-
-    The scripts load it strictly into that model; this says the same in launcher flags, before any work.
+def check_args(name: str, argv: List[str]) -> None:
+    """Refuse, in one line before the script starts, what it would refuse later with a traceback (or not at all):
+    a GSoP model name or keywords it cannot build; ``attn_mode=None``, which ``create_model`` drops (building the
+    default model); a checkpoint that is missing, unreadable or non-finite, or that does not fit the model the
+    flags describe (saying which flags fit).
     """
-    options = ('--checkpoint',) if name == 'validate.py' else ('--initial-checkpoint', '--resume')
-    path = next((p for p in (_last_value(argv, o) for o in options) if p), None)
-    model_name = _last_value(argv, '--model') or _last_value(argv, '-m')
-    if not path or not os.path.isfile(path) or _given(argv, '--config') or _given(argv, '-c'):
-        return  # the script's own error, or options this parser does not see (a --config file)
+    model_name = _last_value(argv, '--model') or _last_value(argv, '-m') or ''
+    if not model_name.startswith('gsop') or _given(argv, '--config') or _given(argv, '-c'):
+        return  # another family, or options this parser does not see (a --config file)
     import torch
     import timm
     from timm.utils import ParseKwargs
     from .models._checkpoint import (
         CheckpointError, check_finite, check_state_dict_fits, load_checkpoint_file, state_dict_from_checkpoint)
     if model_name not in timm.list_models('gsop*'):
-        return
+        raise LaunchError(f'unknown model {model_name!r}; the GSoP-Net models: {", ".join(timm.list_models("gsop*"))}')
     parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     parser.add_argument('--num-classes', type=int)
     parser.add_argument('--in-chans', type=int)
     parser.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs)
     flags, _ = parser.parse_known_args(argv)
-    def first_line(e: BaseException) -> str:
-        return f'{type(e).__name__}: {str(e).splitlines()[0]}' if str(e).strip() else type(e).__name__
-
-    try:
-        checkpoint = load_checkpoint_file(path)  # pickle never runs: weights_only
-    except CheckpointError as e:
-        raise LaunchError(str(e))  # one line naming the file and why
-    try:
-        _, state_dict = state_dict_from_checkpoint(checkpoint)
-    except CheckpointError as e:
-        raise LaunchError(f'{path}: {e}')
+    if 'attn_mode' in flags.model_kwargs and flags.model_kwargs['attn_mode'] is None:
+        raise LaunchError("--model-kwargs attn_mode=None: timm.create_model drops keywords set to None, so this "
+                          "would build the default 'channel' model; the model without GSoP blocks is attn_mode=none")
     try:
         with torch.device('meta'):  # shapes only
             model = timm.create_model(
                 model_name, num_classes=flags.num_classes, in_chans=flags.in_chans or 3, **flags.model_kwargs)
     except (RuntimeError, TypeError, ValueError) as e:
-        raise LaunchError(f'--model {model_name} with these options: {first_line(e)}')
-    try:  # what the model's load_state_dict refuses, said before the script starts
-        check_state_dict_fits(state_dict, model, model_name=model_name, cli=True, path=path)
+        reason = f'{type(e).__name__}: {str(e).splitlines()[0]}' if str(e).strip() else type(e).__name__
+        raise LaunchError(f'--model {model_name} with these options: {reason}')
+
+    options = {'validate.py': ('--checkpoint',), 'train.py': ('--initial-checkpoint', '--resume')}.get(name, ())
+    option, path = next(((o, _last_value(argv, o)) for o in options if _last_value(argv, o)), ('', None))
+    if not path:
+        return
+    try:
+        checkpoint = load_checkpoint_file(path)  # pickle never runs: weights_only
+    except CheckpointError as e:
+        raise LaunchError(str(e))  # one line naming the file and why
+    try:  # what the script's strict load refuses
+        _, state_dict = state_dict_from_checkpoint(checkpoint)
+        # fine-tuning advice (--pretrained-path) only where the file starts a new run
+        check_state_dict_fits(state_dict, model, model_name=model_name, cli=True,
+                              path=path if option == '--initial-checkpoint' else None)
         check_finite(state_dict, model)
     except CheckpointError as e:
         raise LaunchError(f'{path}: {e}')
@@ -264,8 +268,7 @@ def run_script(name: str, argv=None) -> None:
         path = find_script(name)
         if name == 'validate.py':
             argv = run_defaults(argv) + argv
-        if name != 'benchmark.py':
-            check_checkpoint(name, argv)
+        check_args(name, argv)
     except (TimmScriptNotFound, LaunchError) as e:
         print(f'timm_gsop: {e}', file=sys.stderr)
         sys.exit(2)

@@ -214,9 +214,10 @@ def _how_to_fit(ckpt: StateDictArch, model: StateDictArch, model_name: str, chec
     text = f'Pass the arguments it was trained with: {_call(shown, kwargs, cli)}'
     if kwargs.get('attn_mode') == 'fusion_avg' and len(ckpt.attn_modes) > 1:
         text += " (or attn_mode='fusion_max': the two have the same weights; pass the one it was trained with)"
-    if 'num_classes' in kwargs:
+    if 'num_classes' in kwargs and (path or not cli):  # on a command line, where the file starts a new run
         tune = dict(kwargs, num_classes=model.num_classes)
-        text += (f'; or, to fine-tune it for {model.num_classes} classes, load it as pretrained weights: '
+        instead = ' in place of --initial-checkpoint' if cli else ''
+        text += (f'; or, to fine-tune it for {model.num_classes} classes, load it as pretrained weights{instead}: '
                  f'{_call(shown, tune, cli, path=path or "PATH")}')
     return text
 
@@ -226,7 +227,8 @@ def check_state_dict_fits(state_dict: Mapping[str, Any], model: nn.Module, check
                           ignore: Sequence[str] = ()) -> None:
     """Raise a CheckpointError when ``state_dict`` does not load strictly into ``model`` (but ``ignore`` and,
     without ``check_classifier``, ``fc.*``), saying what to pass: create_model keywords or, with ``cli``,
-    train.py/validate.py/export flags; for other classes also how to fine-tune from the file ``path``."""
+    train.py/validate.py/export flags; for other classes also how to fine-tune (from the file ``path``,
+    which a command line names only where it starts a new run)."""
     target = model.state_dict()
     skip = tuple(ignore) + (() if check_classifier else ('fc.weight', 'fc.bias'))
     # PyTorch 0.4 checkpoints have no BN step counters; they do not change outputs and torch fills them in.
