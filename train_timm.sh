@@ -227,5 +227,6 @@ if rows:
 print(f'Summary: {os.path.abspath(summary)}')
 if os.path.isfile(ckpt):
     print(f'Validate it: ./train_timm.sh --validate --checkpoint {os.path.abspath(ckpt)}')
+    print(f'Export it:   timm-gsop export {os.path.abspath(ckpt)} {os.path.abspath(out)}/export')
 EOF
 fi

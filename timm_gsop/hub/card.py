@@ -56,7 +56,7 @@ def _applies(key: str, args: Dict[str, Any]) -> bool:
 
 
 def recipe(args: Dict[str, Any]) -> Dict[str, Any]:
-    """The run's arguments that were set and applied, without paths and machine settings."""
+    """The run's arguments that applied (train.py's defaults included), without paths and machine settings."""
     return {k: v for k, v in sorted(args.items()) if isinstance(k, str) and v is not None and v is not False
             and v not in ('', [], {}) and not _PATH.match(str(v)) and not _MACHINE_ARG.fullmatch(k)
             and _applies(k, args)}
@@ -202,7 +202,7 @@ def model_card(
     description += _results(checkpoint, dataset or "the run's validation set", measured_config, data_config)
     applied = recipe(checkpoint.args)
     if applied:
-        description += ['## Training recipe', '', f'The arguments of train.py that were set and applied, from '
+        description += ['## Training recipe', '', f'The arguments of train.py that applied, its defaults included, from '
                         f'{checkpoint.args_origin} (paths and machine settings left out):', '', '```yaml',
                         *(f'{k}: {v if isinstance(v, str) else json.dumps(v)}' for k, v in applied.items()), '```']
     return generate_readme(dict(
