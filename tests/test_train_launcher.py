@@ -280,7 +280,8 @@ def test_benchmark_mode(tmp_path):
     own.mkdir()
     (own / 'train.py').write_text('')
     fake = _fake_script(own / 'benchmark.py')  # found beside TIMM_TRAIN_PY
-    proc = run_sh('--benchmark', '--model', 'gsop_resnet50', env=dict(os.environ, TIMM_TRAIN_PY=str(own / 'train.py')))
+    env = {k: v for k, v in os.environ.items() if k not in _ENV_VARS}  # a TIMM_BENCHMARK_PY of the caller's would win
+    proc = run_sh('--benchmark', '--model', 'gsop_resnet50', env=dict(env, TIMM_TRAIN_PY=str(own / 'train.py')))
     assert proc.returncode == 0, proc.stderr
     assert '"gsop": true' in proc.stdout and str(fake) in proc.stdout
 
