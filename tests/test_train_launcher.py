@@ -210,12 +210,12 @@ def test_module_runs_script_as_main_with_models_registered(tmp_path, script):
     fake = _fake_script(tmp_path / f'{script}.py')
     env = dict(os.environ, **{f'TIMM_{script.upper()}_PY': str(fake)})
     proc = subprocess.run(
-        [sys.executable, '-m', f'timm_gsop.{script}', '--model', 'gsop2_resnet50', '--x=1 2'],
+        [sys.executable, '-m', f'timm_gsop.{script}', '--model', 'resnet50', '--x=1 2'],  # not checked: not gsop*
         env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     import json
     out = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert out == dict(argv=[str(fake), '--model', 'gsop2_resnet50', '--x=1 2'], gsop=True)
+    assert out == dict(argv=[str(fake), '--model', 'resnet50', '--x=1 2'], gsop=True)
 
 
 @pytest.mark.parametrize('option', ['--nproc-per-node', '--nnodes', '--node-rank', '--rdzv-endpoint', '--recipe'])
@@ -378,8 +378,15 @@ def test_launcher_refuses_what_the_script_would_refuse_with_a_traceback(tmp_path
     assert 'attn_mode=none' in refused('--model', 'gsop_resnet50', '--model-kwargs', 'attn_mode=None')
     assert refused('--model', 'gsop_resnet50', '--model-kwargs', 'attn_mode=chanel').startswith(
         "--model gsop_resnet50 with these options: ValueError: ")
-    check_args(script, ['--model', 'gsop_resnet50', '--model-kwargs', 'attn_mode=none'])  # the ablation builds
     check_args(script, ['--model', 'resnet5'])  # another family: the script's own error
+    ablation = ['--model', 'gsop_resnet50', '--model-kwargs', 'attn_mode=none']
+    if script == 'validate.py':  # without --checkpoint validate.py asks for published weights: GSoP has none
+        assert refused(*ablation).startswith('no pretrained weights are published for gsop_resnet50: give --checkpoint')
+    else:
+        check_args(script, ablation)  # the ablation builds
+    if script == 'train.py':
+        assert '--pretrained-path FILE' in refused(*ablation, '--pretrained')
+        check_args(script, ablation + ['--pretrained', '--pretrained-path', 'ck.pth'])  # a file: timm loads it
     if script != 'benchmark.py':
         option = '--checkpoint' if script == 'validate.py' else '--resume'
         missing = tmp_path / 'model_bset.pth.tar'

@@ -212,8 +212,8 @@ def run_defaults(argv: List[str]) -> List[str]:
 def check_args(name: str, argv: List[str]) -> None:
     """Refuse, in one line before the script starts, what it would refuse later with a traceback (or not at all):
     a GSoP model name or keywords it cannot build; ``attn_mode=None``, which ``create_model`` drops (building the
-    default model); a checkpoint that is missing, unreadable or non-finite, or that does not fit the model the
-    flags describe (saying which flags fit).
+    default model); published weights, which GSoP models have none of; a checkpoint that is missing, unreadable
+    or non-finite, or that does not fit the model the flags describe (saying which flags fit).
     """
     model_name = _last_value(argv, '--model') or _last_value(argv, '-m') or ''
     if not model_name.startswith('gsop') or _given(argv, '--config') or _given(argv, '-c'):
@@ -241,6 +241,12 @@ def check_args(name: str, argv: List[str]) -> None:
         reason = f'{type(e).__name__}: {str(e).splitlines()[0]}' if str(e).strip() else type(e).__name__
         raise LaunchError(f'--model {model_name} with these options: {reason}')
 
+    # validate.py asks for published weights without --checkpoint (or with --pretrained); train.py with --pretrained
+    if _given(argv, '--pretrained') and not _last_value(argv, '--pretrained-path') or (
+            name == 'validate.py' and not _last_value(argv, '--checkpoint')):
+        use = '--checkpoint FILE' if name == 'validate.py' else '--pretrained-path FILE with --pretrained'
+        raise LaunchError(f'no pretrained weights are published for {model_name}: give {use} '
+                          f'(a checkpoint of train.py, or an official GSoP one)')
     options = {'validate.py': ('--checkpoint',), 'train.py': ('--initial-checkpoint', '--resume')}.get(name, ())
     option, path = next(((o, _last_value(argv, o)) for o in options if _last_value(argv, o)), ('', None))
     if not path:
