@@ -375,7 +375,7 @@ def test_launcher_refuses_what_the_script_would_refuse_with_a_traceback(tmp_path
 
     assert refused('--model', 'gsop_resnet5') == (
         "unknown model 'gsop_resnet5'; the GSoP-Net models: " + ', '.join(timm.list_models('gsop*')))
-    assert 'attn_mode=none' in refused('--model', 'gsop_resnet50', '--model-kwargs', 'attn_mode=None')
+    assert "attn_mode='none'" in refused('--model', 'gsop_resnet50', '--model-kwargs', 'attn_mode=None')
     assert refused('--model', 'gsop_resnet50', '--model-kwargs', 'attn_mode=chanel').startswith(
         "--model gsop_resnet50 with these options: ValueError: ")
     check_args(script, ['--model', 'resnet5'])  # another family: the script's own error

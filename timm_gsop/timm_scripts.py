@@ -221,6 +221,7 @@ def check_args(name: str, argv: List[str]) -> None:
     import torch
     import timm
     from timm.utils import ParseKwargs
+    from .models._base import check_attn_mode
     from .models._checkpoint import (
         CheckpointError, check_finite, check_state_dict_fits, load_checkpoint_file, state_dict_from_checkpoint)
     if model_name not in timm.list_models('gsop*'):
@@ -230,10 +231,9 @@ def check_args(name: str, argv: List[str]) -> None:
     parser.add_argument('--in-chans', type=int)
     parser.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs)
     flags, _ = parser.parse_known_args(argv)
-    if 'attn_mode' in flags.model_kwargs and flags.model_kwargs['attn_mode'] is None:
-        raise LaunchError("--model-kwargs attn_mode=None: timm.create_model drops keywords set to None, so this "
-                          "would build the default 'channel' model; the model without GSoP blocks is attn_mode=none")
     try:
+        if 'attn_mode' in flags.model_kwargs:  # the model's own check: create_model would drop attn_mode=None
+            check_attn_mode(flags.model_kwargs['attn_mode'])
         with torch.device('meta'):  # shapes only
             model = timm.create_model(
                 model_name, num_classes=flags.num_classes, in_chans=flags.in_chans or 3, **flags.model_kwargs)
