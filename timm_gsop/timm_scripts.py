@@ -241,14 +241,14 @@ def check_args(name: str, argv: List[str]) -> None:
         reason = f'{type(e).__name__}: {str(e).splitlines()[0]}' if str(e).strip() else type(e).__name__
         raise LaunchError(f'--model {model_name} with these options: {reason}')
 
+    options = {'validate.py': ('--checkpoint',), 'train.py': ('--initial-checkpoint', '--resume')}.get(name, ())
+    option, path = next(((o, p) for o in options if (p := _last_value(argv, o))), ('', None))
     # validate.py asks for published weights without --checkpoint (or with --pretrained); train.py with --pretrained
-    if _given(argv, '--pretrained') and not _last_value(argv, '--pretrained-path') or (
-            name == 'validate.py' and not _last_value(argv, '--checkpoint')):
+    if (_given(argv, '--pretrained') and not _last_value(argv, '--pretrained-path')) or (
+            name == 'validate.py' and not path):
         use = '--checkpoint FILE' if name == 'validate.py' else '--pretrained-path FILE with --pretrained'
         raise LaunchError(f'no pretrained weights are published for {model_name}: give {use} '
                           f'(a checkpoint of train.py, or an official GSoP one)')
-    options = {'validate.py': ('--checkpoint',), 'train.py': ('--initial-checkpoint', '--resume')}.get(name, ())
-    option, path = next(((o, _last_value(argv, o)) for o in options if _last_value(argv, o)), ('', None))
     if not path:
         return
     try:
