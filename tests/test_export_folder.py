@@ -254,3 +254,10 @@ def test_unusable_weights_are_one_line_errors(tmp_path, capsys):
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1 and 'Traceback' not in err, (name, err)
         assert not (tmp_path / 'out').exists() and not leftovers(tmp_path / 'out')
+
+
+def test_a_file_without_weights_is_named_whatever_its_name(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    torch.save({'fc.weight': 1.0}, 'x')  # its name is a substring of the message ("expected")
+    assert _export('x', tmp_path / 'out') == 1
+    assert capsys.readouterr().err.strip().startswith('timm-gsop export: error: x: the checkpoint holds no state dict')

@@ -55,12 +55,15 @@ def read_checkpoint(path: Union[str, os.PathLike]) -> LoadedCheckpoint:
     """A train.py checkpoint (its EMA weights when present), an official one, a state dict or a .safetensors
     file, non-finite values refused; beside it train.py's args.yaml (else its stored arguments) and summary.csv."""
     path = Path(path)
-    try:  # one-line errors for a missing, empty or damaged file, pickled objects, keys that are not names
+    try:  # a missing, empty or damaged file, pickled objects: one line that names the file
         checkpoint = load_checkpoint_file(path)
+    except CheckpointError as e:
+        raise ExportError(str(e)) from e
+    try:  # keys that are not names, no state dict, non-finite values
         source, state_dict = state_dict_from_checkpoint(checkpoint)
         check_finite(state_dict)
     except CheckpointError as e:
-        raise ExportError(str(e) if str(path) in str(e) else f'{path}: {e}') from e
+        raise ExportError(f'{path}: {e}') from e
     meta = checkpoint if source else {}
     epoch = meta.get('epoch')  # the card shows it
     if epoch is not None and (finite_number(epoch) is None or epoch < 0):
