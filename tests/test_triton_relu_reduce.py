@@ -56,7 +56,7 @@ def reference(x, weight, bias, stride, grad_y):
 
 def run_case(dtype_name, batch, channels, dim, height, width, stride, layouts, use_bias):
     """Errors of the launchers against ``reference``, and the exactness checks, as plain numbers."""
-    from timm_gsop.layers.triton_relu_reduce import relu_reduce_bwd_, relu_reduce_fwd
+    from timm_gsop.layers.triton_relu_reduce import relu_reduce_bwd, relu_reduce_fwd
 
     dtype = getattr(torch, dtype_name)
     gen = torch.Generator().manual_seed(channels * 100 + height * 10 + width)
@@ -70,8 +70,9 @@ def run_case(dtype_name, batch, channels, dim, height, width, stride, layouts, u
     grad_x0 = _layout(torch.randn(batch, channels, height, width, generator=gen).to(dtype), layouts[2])
 
     y = relu_reduce_fwd(x, weight, bias, stride)
-    grad_x = grad_x0.clone()
-    grad_weight, grad_bias = relu_reduce_bwd_(grad_x, grad_y, x, weight, stride)
+    grad_in = grad_x0.clone()
+    grad_x, grad_weight, grad_bias = relu_reduce_bwd(grad_in, grad_y, x, weight, stride)
+    grad_x_alone = relu_reduce_bwd(None, grad_y, x, weight, stride)[0]
 
     ref_y, ref_grad_x, ref_grad_weight, ref_grad_bias = reference(x, weight, bias, stride, grad_y)
     ref_grad_bias = ref_grad_bias if use_bias else grad_y.double().sum((0, 2, 3))
@@ -95,19 +96,21 @@ def run_case(dtype_name, batch, channels, dim, height, width, stride, layouts, u
         'y_channels_last': y.is_contiguous(memory_format=torch.channels_last),
         'dtypes': [str(t.dtype) for t in (y, grad_x, grad_weight, grad_bias)],
         'grad_x_layout_kept': grad_x.stride() == grad_x0.stride(),
+        'grad_in_unchanged': bool(torch.equal(grad_in, grad_x0)),
+        'grad_x_alone': rel_err(grad_x_alone, ref_grad_x - grad_x0.double()),
     }
 
 
 def run_errors():
     """The launchers' argument errors: each message names what was expected."""
-    from timm_gsop.layers.triton_relu_reduce import relu_reduce_bwd_, relu_reduce_fwd
+    from timm_gsop.layers.triton_relu_reduce import relu_reduce_bwd, relu_reduce_fwd
 
     x = torch.randn(1, 4, 3, 3)
     bad = {
         'weight_channels': lambda: relu_reduce_fwd(x, torch.randn(2, 5), None, 1),
         'stride': lambda: relu_reduce_fwd(x, torch.randn(2, 4), None, 0),
         'bias_shape': lambda: relu_reduce_fwd(x, torch.randn(2, 4), torch.randn(3), 1),
-        'grad_y_shape': lambda: relu_reduce_bwd_(torch.zeros_like(x), torch.randn(1, 2, 3, 3), x, torch.randn(2, 4), 2),
+        'grad_y_shape': lambda: relu_reduce_bwd(torch.zeros_like(x), torch.randn(1, 2, 3, 3), x, torch.randn(2, 4), 2),
         'dtype': lambda: relu_reduce_fwd(x.to(torch.int32), torch.randn(2, 4), None, 1),
     }
     messages = {}
@@ -142,8 +145,8 @@ def compile_for_sm90():
             {'x_ptr': '*bf16', 'w_ptr': '*fp32', 'bias_ptr': '*fp32', 'y_ptr': '*bf16'},
             dict(common, HAS_BIAS=True), ('BLOCK_M', 'BLOCK_N', 'BLOCK_K'), (rows, dim, channels)),
         ops._relu_reduce_bwd_data_kernel: (
-            {'gy_ptr': '*bf16', 'w_ptr': '*fp32', 'x_ptr': '*bf16', 'gx_ptr': '*bf16'},
-            common, ('BLOCK_M', 'BLOCK_N', 'BLOCK_K'), (rows, channels, dim)),
+            {'gy_ptr': '*bf16', 'w_ptr': '*fp32', 'x_ptr': '*bf16', 'gx_in_ptr': '*bf16', 'gx_ptr': '*bf16'},
+            dict(common, HAS_GRAD_IN=True), ('BLOCK_M', 'BLOCK_N', 'BLOCK_K'), (rows, channels, dim)),
         ops._relu_reduce_bwd_weight_kernel: (
             {'gy_ptr': '*bf16', 'x_ptr': '*bf16', 'gw_ptr': '*fp32', 'gb_ptr': '*fp32'},
             common, ('BLOCK_D', 'BLOCK_C', 'BLOCK_M'), (dim, channels, rows)),
@@ -202,7 +205,7 @@ def scripts(request, tmp_path_factory):
         pytest.skip('triton is not installed')
     selected = {item.originalname for item in request.session.items}
     procs = {}
-    if selected & {'test_matches_eager', 'test_grad_x_added_in_place_only_where_relu_passes',
+    if selected & {'test_matches_eager', 'test_grad_x_adds_only_where_relu_passes_and_reads_grad_in',
                    'test_argument_errors_name_the_expected'}:
         procs['interpret'] = _start_script(TRITON_INTERPRET='1')
     if 'test_kernels_compile_for_sm90' in selected:
@@ -233,12 +236,14 @@ def test_matches_eager(results, case_id):
 
 
 @pytest.mark.parametrize('case_id', interpreter_case_ids(CASES))
-def test_grad_x_added_in_place_only_where_relu_passes(results, case_id):
+def test_grad_x_adds_only_where_relu_passes_and_reads_grad_in(results, case_id):
     res = results[case_id]
     assert 'exception' not in res, res.get('exception')
     assert res['untouched_count'] > 0  # else the check below proves nothing
     assert res['untouched_exact']
     assert res['grad_x_layout_kept']
+    assert res['grad_in_unchanged'], 'the gradient it adds to is read, never written'
+    assert res['grad_x_alone'] < TOLERANCE[res['dtypes'][0].split('.')[1]]
 
 
 def test_argument_errors_name_the_expected(results):

@@ -11,7 +11,7 @@
 Each op is a ``triton_op``: on CUDA (and on the CPU under ``TRITON_INTERPRET=1``) it launches Triton kernels that
 ``torch.compile`` sees through; on every other device (and in float64) its kernel is the eager code below, which
 defines what the Triton kernels compute. Autograd comes with the ops (``register_autograd``), so they can be
-called from any module; the backward of a backward (``create_graph``) is not defined for them.
+called from any module; the backward of a backward (``create_graph``) is refused with a one-line error.
 """
 import functools
 import importlib
@@ -25,7 +25,6 @@ from torch import Tensor
 from torch.library import triton_op
 from timm.layers import register_notrace_function
 
-from .gate_ops import _mark_owned
 
 __all__ = ['relu_reduce', 'join_reduction', 'batch_norm_stats_', 'bn_relu_cov', 'gate_product']
 
@@ -49,6 +48,14 @@ def _kernels(name: str, t: Tensor) -> Optional[ModuleType]:
     return _triton_module(name)
 
 
+def _refuse_double_backward() -> None:
+    """One line instead of torch's generic error: the ops' backward passes are not differentiable."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            'The fused GSoP ops have no double backward (create_graph=True): build the model with them off '
+            '(TIMM_GSOP_FUSED=0, or timm_gsop.layers.set_fused_gsop(False) before create_model).')
+
+
 def _acc_dtype(t: Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
@@ -65,23 +72,25 @@ def _relu_reduce(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: int)
                     None if bias is None else bias.to(x.dtype))
 
 
-@triton_op('timm_gsop::relu_reduce_backward_', mutates_args=('grad_x',))
-def _relu_reduce_backward_(grad_x: Tensor, grad_y: Tensor, x: Tensor, weight: Tensor,
-                           stride: int) -> Tuple[Tensor, Tensor]:
-    """Adds the data gradient, masked by x > 0, into ``grad_x`` at the strided pixels; returns the weight's and
-    the bias's gradients, accumulated in float32, in the weight's dtype."""
+@triton_op('timm_gsop::relu_reduce_backward', mutates_args=())
+def _relu_reduce_backward(grad_in: Optional[Tensor], grad_y: Tensor, x: Tensor, weight: Tensor,
+                          stride: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """(grad_x, grad_weight, grad_bias): the data gradient, masked by x > 0 at the strided pixels, plus the map's
+    other gradient ``grad_in`` (None: zero) in a new tensor; the weight's and bias's, accumulated in float32, in the
+    weight's dtype."""
     kernels = _kernels('triton_relu_reduce', x)
     if kernels is not None:
-        grad_w, grad_b = kernels.relu_reduce_bwd_(grad_x, grad_y, x, weight.flatten(1), stride)
-        return grad_w.view_as(weight).to(weight.dtype), grad_b.to(weight.dtype)
+        grad_x, grad_w, grad_b = kernels.relu_reduce_bwd(grad_in, grad_y, x, weight.flatten(1), stride)
+        return grad_x, grad_w.view_as(weight).to(weight.dtype), grad_b.to(weight.dtype)
     s = stride
     acc = _acc_dtype(x)
     xs = x[:, :, ::s, ::s]
     g = grad_y.to(acc)
     grad_w = torch.einsum('bdhw,bchw->dc', g, F.relu(xs).to(acc))
-    grad_xs = torch.einsum('bdhw,dc->bchw', g, weight.flatten(1).to(acc)).mul_(xs > 0)
+    grad_xs = torch.ops.aten.threshold_backward(torch.einsum('bdhw,dc->bchw', g, weight.flatten(1).to(acc)), xs, 0)
+    grad_x = torch.zeros_like(x) if grad_in is None else grad_in.clone(memory_format=torch.preserve_format)
     grad_x[:, :, ::s, ::s] += grad_xs.to(grad_x.dtype)
-    return grad_w.view_as(weight).to(weight.dtype), g.sum((0, 2, 3)).to(weight.dtype)
+    return grad_x, grad_w.view_as(weight).to(weight.dtype), g.sum((0, 2, 3)).to(weight.dtype)
 
 
 def _relu_reduce_setup(ctx, inputs, output) -> None:
@@ -92,9 +101,9 @@ def _relu_reduce_setup(ctx, inputs, output) -> None:
 
 
 def _relu_reduce_bwd(ctx, grad_y: Tensor):
+    _refuse_double_backward()
     x, weight = ctx.saved_tensors
-    grad_x = torch.zeros_like(x)
-    grad_w, grad_b = torch.ops.timm_gsop.relu_reduce_backward_(grad_x, grad_y, x, weight, ctx.stride)
+    grad_x, grad_w, grad_b = torch.ops.timm_gsop.relu_reduce_backward(None, grad_y, x, weight, ctx.stride)
     return grad_x, grad_w, grad_b if ctx.has_bias else None, None
 
 
@@ -114,13 +123,13 @@ _LINK = '_gsop_reduction_link'
 
 
 class _JoinReduction(torch.autograd.Function):
-    """``x`` itself, for a GSoP block to scale and reduce; its backward adds the reduction's data gradient into
-    the map's gradient in place (one read-modify-write of the map, no full-size gradient of its own and no sum of
-    two), with the weight's gradient from the same pass.
+    """``x`` itself, for a GSoP block to scale and reduce; its backward adds the reduction's data gradient to the
+    map's other gradient in the reduction's own backward kernel (it reads that gradient and writes the sum: no
+    full-size gradient of the reduction's and no separate sum of two), with the weight's gradient from the same
+    pass. The incoming gradient is only read: a hook or ``retain_grad`` that keeps it sees it unchanged.
 
     The reduction (``_DeferredReluReduce``) leaves its incoming gradient on the link; autograd runs this backward
-    after it, as the reduction reads this output. The map's gradient is updated in place only where it is the gate
-    product's own (marked by its backward), else added out of place.
+    after it, as the reduction reads this output.
     """
 
     @staticmethod
@@ -132,16 +141,12 @@ class _JoinReduction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Optional[Tensor]):
-        from .gate_ops import _take_owned
+        _refuse_double_backward()
         x, weight = ctx.saved_tensors
         link = ctx.link
         if link.grad_y is None:  # the reduction took no part in the loss
             return grad, None, None, None
-        if grad is None:
-            grad = torch.zeros_like(x)
-        elif not _take_owned(grad):
-            grad = grad.clone(memory_format=torch.preserve_format)
-        grad_w, grad_b = torch.ops.timm_gsop.relu_reduce_backward_(grad, link.grad_y, x, weight, link.stride)
+        grad, grad_w, grad_b = torch.ops.timm_gsop.relu_reduce_backward(grad, link.grad_y, x, weight, link.stride)
         link.grad_y = None
         return grad, grad_w, grad_b if ctx.has_bias else None, None
 
@@ -156,14 +161,15 @@ class _DeferredReluReduce(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y: Tensor):
+        _refuse_double_backward()
         ctx.link.grad_y = grad_y
         return None, None, None, None, None
 
 
 @register_notrace_function  # fx: a call in the graph, its checks at run time
 def join_reduction(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: int) -> Tensor:
-    """``x``, marked so that ``relu_reduce`` of it adds its data gradient into the gradient of the returned map in
-    place (eager autograd without ``create_graph``; elsewhere ``x`` itself and the plain ops)."""
+    """``x``, marked so that ``relu_reduce`` of it adds its data gradient to the returned map's other gradient in
+    one pass (eager autograd; elsewhere ``x`` itself and the plain ops)."""
     if not torch.is_grad_enabled() or torch.compiler.is_compiling() or not x.requires_grad:
         return x
     link = _ReductionLink(stride)
@@ -249,7 +255,7 @@ def _bn_relu_cov_backward(grad_cov: Tensor, y: Tensor, zmean: Tensor, mean: Tens
     # The centring's adjoint leaves (G + G^T) zc / M as it is: its rows sum to zero, as zc's do.
     grad_cov = grad_cov.to(zc.dtype)
     grad_a = torch.baddbmm(zc.new_empty(()), grad_cov + grad_cov.transpose(1, 2), zc, beta=0., alpha=1. / m)
-    grad_a = grad_a.mul_(a > 0)
+    grad_a = torch.ops.aten.threshold_backward(grad_a, a, 0)  # torch's ReLU backward: NaN passes
     grad_w = (grad_a * xhat).sum((0, 2))
     grad_b = grad_a.sum((0, 2))
     grad_xhat = grad_a * weight.to(grad_a.dtype)[:, None]
@@ -269,6 +275,7 @@ def _bn_relu_cov_setup(ctx, inputs, output) -> None:
 
 
 def _bn_relu_cov_bwd(ctx, grad_cov: Tensor, grad_zmean: Optional[Tensor]):
+    _refuse_double_backward()
     y, zmean, mean, var, weight, bias = ctx.saved_tensors
     grad_y, grad_w, grad_b = torch.ops.timm_gsop.bn_relu_cov_backward(
         grad_cov, y, zmean, mean, var, weight, bias, ctx.eps, ctx.training)
@@ -311,7 +318,7 @@ def _gate_product_backward(grad: Tensor, x: Tensor, gate: Tensor, out: Tensor,
         grad_x, grad_gate, grad_sc = kernels.gate_product_bwd(grad, x, gate, out if relu else None, relu)
     else:
         if relu:
-            grad = torch.where(out > 0, grad, 0)
+            grad = torch.ops.aten.threshold_backward(grad, out, 0)
         grad_x = grad * gate
         acc = _acc_dtype(x)
         grad_gate = torch.einsum('bchw,bchw->bc', grad.to(acc), x.to(acc))
@@ -328,10 +335,10 @@ def _gate_product_setup(ctx, inputs, output) -> None:
 
 
 def _gate_product_bwd(ctx, grad: Tensor):
+    _refuse_double_backward()
     x, gate, out = ctx.saved_tensors
     grad_x, grad_gate, grad_sc = torch.ops.timm_gsop.gate_product_backward(
         grad, x, gate, out if ctx.relu else x, ctx.relu)
-    _mark_owned(grad_x)
     if not ctx.has_shortcut:
         grad_sc = None
     elif not ctx.relu:

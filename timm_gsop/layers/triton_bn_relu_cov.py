@@ -60,8 +60,10 @@ def _load_bn(mean_ptr, scale_ptr, bias_ptr, c, D):
 @triton.jit
 def _bn_relu(y, mean, scale, bias):
     """relu((y - mean) * scale + bias) on a (channels, positions) tile. Centring first keeps z exact to
-    rounding where a channel's mean is large against its spread (a folded y * scale + shift would cancel)."""
-    return tl.maximum((y - mean[:, None]) * scale[:, None] + bias[:, None], 0.)
+    rounding where a channel's mean is large against its spread (a folded y * scale + shift would cancel).
+    NaN stays NaN, as in torch.relu (tl.maximum would drop it)."""
+    a = (y - mean[:, None]) * scale[:, None] + bias[:, None]
+    return tl.where(a < 0., 0., a)
 
 
 @triton.jit
@@ -220,8 +222,8 @@ def _bn_relu_cov_bwd_kernel(
                 zk = tl.where(mask_k, _bn_relu(yk, mean_k, scale_k, bias_k) - zmean_k[:, None], 0.)
                 gk = _sym_grad_tile(g_base, ci, ck, D, s_gr, s_gc, dtype)
                 grad_z = tl.dot(gk, zk, grad_z, input_precision=PRECISION)
-        # z is 0 outside the map, so the ReLU's mask also clears the padding.
-        grad_a = tl.where(z > 0., grad_z / M, 0.)
+        # The ReLU's backward as torch's (a NaN z passes the gradient); zero outside the map.
+        grad_a = tl.where(mask & ~(z <= 0.), grad_z / M, 0.)
         xhat = (y - mean_i[:, None]) * invstd_i[:, None]
         if WRITE_SUMS:
             sum_a += tl.sum(grad_a, axis=1)

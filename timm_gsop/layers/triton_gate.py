@@ -45,7 +45,7 @@ def _gate_product_fwd_kernel(
         sc = tl.load(sc_ptr + b * ss_b + offs_c[:, None] * ss_c + offs_hw[None, :] * ss_hw, mask=mask, other=0.)
         out += sc.to(tl.float32)
     if RELU:
-        out = tl.maximum(out, 0.)
+        out = tl.where(out < 0., 0., out)  # NaN stays NaN, as in torch.relu (tl.maximum would drop it)
     tl.store(out_ptr + b * so_b + offs_c[:, None] * so_c + offs_hw[None, :] * so_hw,
              out.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -75,7 +75,7 @@ def _gate_product_bwd_kernel(
         g = tl.load(grad_ptr + b * sg_b + c_off * sg_c + hw_off * sg_hw, mask=mask, other=0.).to(tl.float32)
         if RELU:
             out = tl.load(out_ptr + b * so_b + c_off * so_c + hw_off * so_hw, mask=mask, other=0.)
-            g = tl.where(out > 0, g, 0.)
+            g = tl.where(out <= 0, 0., g)  # as torch's ReLU backward: a NaN output passes the gradient
             tl.store(grad_sc_ptr + b * sgs_b + c_off * sgs_c + hw_off * sgs_hw,
                      g.to(grad_sc_ptr.dtype.element_ty), mask=mask)
         x = tl.load(x_ptr + b * sx_b + c_off * sx_c + hw_off * sx_hw, mask=mask, other=0.).to(tl.float32)

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from ._triton import wrap_triton
 
-__all__ = ['relu_reduce_fwd', 'relu_reduce_bwd_']
+__all__ = ['relu_reduce_fwd', 'relu_reduce_bwd']
 
 
 @triton.jit
@@ -98,16 +98,19 @@ def _relu_reduce_fwd_kernel(
 
 @triton.jit
 def _relu_reduce_bwd_data_kernel(
-        gy_ptr, w_ptr, x_ptr, gx_ptr,
+        gy_ptr, w_ptr, x_ptr, gx_in_ptr, gx_ptr,
         M, C, D, hw_out, w_out,
         sg_b, sg_d, sg_h, sg_w,
         sx_b, sx_c, sx_h, sx_w,
+        sgi_b, sgi_c, sgi_h, sgi_w,
         sgx_b, sgx_c, sgx_h, sgx_w,
         sw_d, sw_c,
-        ACC_FP64: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+        HAS_GRAD_IN: tl.constexpr, ACC_FP64: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+        UPCAST_DOT: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """``grad_x[rows, c] += (grad_y @ W)[m, c] * (x > 0)`` at the strided rows; other positions untouched."""
+    """``grad_x[rows, c] = grad_in[rows, c] + (grad_y @ W)[m, c] * (x > 0)`` at the strided rows (without
+    HAS_GRAD_IN, grad_in is zero); other positions untouched. grad_in may be grad_x itself (in place)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -133,9 +136,11 @@ def _relu_reduce_bwd_data_kernel(
     mask = mask_m[:, None] & mask_c[None, :]
     x_rows = _offsets(b, ho, wo, sx_b, sx_h, sx_w)
     x = tl.load(x_ptr + x_rows[:, None] + rc[None, :] * sx_c, mask=mask, other=0.0).to(acc.dtype)
+    gx = tl.where(x <= 0, 0.0, acc)  # as torch's ReLU backward: a NaN in x passes the gradient
+    if HAS_GRAD_IN:
+        gi_ptrs = gx_in_ptr + _offsets(b, ho, wo, sgi_b, sgi_h, sgi_w)[:, None] + rc[None, :] * sgi_c
+        gx += tl.load(gi_ptrs, mask=mask, other=0.0).to(acc.dtype)
     gx_ptrs = gx_ptr + _offsets(b, ho, wo, sgx_b, sgx_h, sgx_w)[:, None] + rc[None, :] * sgx_c
-    gx = tl.load(gx_ptrs, mask=mask, other=0.0)
-    gx = gx.to(acc.dtype) + tl.where(x > 0, acc, 0.0)
     tl.store(gx_ptrs, gx.to(gx_ptr.dtype.element_ty), mask=mask)
 
 
@@ -222,6 +227,11 @@ def _upcast_dot(x: Tensor) -> bool:
     return x.device.type != 'cuda' and x.dtype == torch.bfloat16
 
 
+def _strided(t: Tensor, stride: int) -> Tuple[int, int, int, int]:
+    """Strides (b, c, h, w) of every ``stride``-th pixel of a map."""
+    return t.stride(0), t.stride(1), t.stride(2) * stride, t.stride(3) * stride
+
+
 def _pow2_block(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(n)))
 
@@ -280,7 +290,7 @@ def relu_reduce_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: i
     wrap_triton(_relu_reduce_fwd_kernel)[grid](
         x, weight, bias if bias is not None else weight, y,
         rows, channels, dim, h_out * w_out, w_out,
-        x.stride(0), x.stride(1), x.stride(2) * stride, x.stride(3) * stride,
+        *_strided(x, stride),
         weight.stride(0), weight.stride(1),
         HAS_BIAS=bias is not None, ACC_FP64=_acc_fp64(x), INPUT_PRECISION=_input_precision(x.dtype),
         UPCAST_DOT=_upcast_dot(x),
@@ -289,23 +299,25 @@ def relu_reduce_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: i
     return y.permute(0, 3, 1, 2)
 
 
-def relu_reduce_bwd_(
-        grad_x: Tensor, grad_y: Tensor, x: Tensor, weight: Tensor, stride: int) -> Tuple[Tensor, Tensor]:
-    """Backward of ``relu_reduce_fwd``: adds the map's gradient into ``grad_x``; returns the weight's and bias's.
+def relu_reduce_bwd(
+        grad_in: Optional[Tensor], grad_y: Tensor, x: Tensor, weight: Tensor, stride: int,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Backward of ``relu_reduce_fwd``, added to the map's other gradient ``grad_in`` (None: zero).
 
     Args:
-        grad_x: x's shape, any strides; ``(grad_y @ weight) * (x > 0)`` is added in place at the strided
-            positions ``[:, :, ::stride, ::stride]``; every other position is left as it is.
+        grad_in: x's shape, any strides, or None; it is read, never written.
         grad_y: (B, d, Ho, Wo), any strides.
         x, weight, stride: as given to ``relu_reduce_fwd``.
 
     Returns:
-        ``(grad_weight (d, C), grad_bias (d,))`` in float32 (float64 for a float64 map), summed
+        ``(grad_x, grad_weight (d, C), grad_bias (d,))``: ``grad_x = grad_in + (grad_y @ weight) * (x > 0)`` at
+        the strided positions ``[:, :, ::stride, ::stride]`` and ``grad_in`` elsewhere, a new tensor in
+        grad_in's dtype and layout (x's without it); the others in float32 (float64 for a float64 map), summed
         deterministically (fixed row splits, no atomics).
     """
     batch, channels, _, _, h_out, w_out, dim = _check_args(x, weight, stride)
-    if grad_x.shape != x.shape:
-        raise ValueError(f'relu_reduce: grad_x must have x\'s shape {tuple(x.shape)}, got {tuple(grad_x.shape)}.')
+    if grad_in is not None and grad_in.shape != x.shape:
+        raise ValueError(f'relu_reduce: grad_in must have x\'s shape {tuple(x.shape)}, got {tuple(grad_in.shape)}.')
     if grad_y.shape != (batch, dim, h_out, w_out):
         raise ValueError(
             f'relu_reduce: grad_y must be {(batch, dim, h_out, w_out)}, got {tuple(grad_y.shape)}.')
@@ -313,21 +325,28 @@ def relu_reduce_bwd_(
     fp64 = _acc_fp64(x)
     acc_dtype = torch.float64 if fp64 else torch.float32
     if rows == 0 or channels == 0 or dim == 0:
-        return (torch.zeros((dim, channels), device=x.device, dtype=acc_dtype),
-                grad_y.sum((0, 2, 3), dtype=acc_dtype))
+        return (torch.zeros_like(x) if grad_in is None else grad_in.clone(),
+                torch.zeros((dim, channels), device=x.device, dtype=acc_dtype), grad_y.sum((0, 2, 3), dtype=acc_dtype))
+    # The kernel writes every s-th pixel, reading grad_in there: the other pixels come from a copy of grad_in.
+    if stride == 1:
+        grad_x = torch.empty_like(x if grad_in is None else grad_in)
+    elif grad_in is None:
+        grad_x = torch.zeros_like(x)
+    else:
+        grad_x = grad_in = grad_in.clone(memory_format=torch.preserve_format)  # then added into in place
+    source = grad_x if grad_in is None else grad_in  # not read without grad_in
     precision = _input_precision(x.dtype)
     g_strides = (grad_y.stride(0), grad_y.stride(1), grad_y.stride(2), grad_y.stride(3))
-    x_strides = (x.stride(0), x.stride(1), x.stride(2) * stride, x.stride(3) * stride)
+    x_strides = _strided(x, stride)
 
     block_m, block_n, block_k, num_warps, num_stages = _gemm_blocks(x.is_cuda, x.dtype, rows, channels, dim)
     grid = (triton.cdiv(rows, block_m), triton.cdiv(channels, block_n))
     wrap_triton(_relu_reduce_bwd_data_kernel)[grid](
-        grad_y, weight, x, grad_x,
+        grad_y, weight, x, source, grad_x,
         rows, channels, dim, h_out * w_out, w_out,
-        *g_strides, *x_strides,
-        grad_x.stride(0), grad_x.stride(1), grad_x.stride(2) * stride, grad_x.stride(3) * stride,
+        *g_strides, *x_strides, *_strided(source, stride), *_strided(grad_x, stride),
         weight.stride(0), weight.stride(1),
-        ACC_FP64=fp64, INPUT_PRECISION=precision, UPCAST_DOT=_upcast_dot(x),
+        HAS_GRAD_IN=grad_in is not None, ACC_FP64=fp64, INPUT_PRECISION=precision, UPCAST_DOT=_upcast_dot(x),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages,
     )
 
@@ -347,4 +366,4 @@ def relu_reduce_bwd_(
         ACC_FP64=fp64, INPUT_PRECISION=precision, UPCAST_DOT=_upcast_dot(x),
         BLOCK_D=block_d, BLOCK_C=block_c, BLOCK_M=block_r, num_warps=num_warps, num_stages=num_stages,
     )
-    return grad_w.sum(0), grad_b.sum(0)
+    return grad_x, grad_w.sum(0), grad_b.sum(0)
