@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._triton import wrap_triton
+from ._triton import is_cuda, multi_processor_count, wrap_triton
 
 __all__ = ['relu_reduce_fwd', 'relu_reduce_bwd_']
 
@@ -219,7 +219,7 @@ def _input_precision(dtype: torch.dtype) -> str:
 
 def _upcast_dot(x: Tensor) -> bool:
     # Off CUDA the kernels run in Triton's interpreter, whose dot reads bfloat16 as raw integers.
-    return x.device.type != 'cuda' and x.dtype == torch.bfloat16
+    return not is_cuda(x) and x.dtype == torch.bfloat16
 
 
 def _pow2_block(n: int, lo: int, hi: int) -> int:
@@ -247,8 +247,8 @@ def _num_splits(x: Tensor, rows: int, block_rows: int, tiles: int) -> int:
 
     Few splits keep the partial sums small (at attn_dim 128 and 256 channels, 64 splits write 8 MiB).
     """
-    if x.device.type == 'cuda':
-        target = torch.cuda.get_device_properties(x.device).multi_processor_count
+    if is_cuda(x):
+        target = multi_processor_count(x.device)
     else:
         target = 4  # the interpreter: a few, so the tests cover the split sums
     return max(1, min(triton.cdiv(target, tiles), triton.cdiv(rows, block_rows)))
@@ -275,7 +275,7 @@ def relu_reduce_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: i
         return y.permute(0, 3, 1, 2)
     if channels == 0:  # an empty sum: the bias alone
         return y.copy_(bias if bias is not None else torch.zeros_like(y)).permute(0, 3, 1, 2)
-    block_m, block_n, block_k, num_warps, num_stages = _gemm_blocks(x.is_cuda, x.dtype, rows, dim, channels)
+    block_m, block_n, block_k, num_warps, num_stages = _gemm_blocks(is_cuda(x), x.dtype, rows, dim, channels)
     grid = (triton.cdiv(rows, block_m), triton.cdiv(dim, block_n))
     wrap_triton(_relu_reduce_fwd_kernel)[grid](
         x, weight, bias if bias is not None else weight, y,
@@ -319,7 +319,7 @@ def relu_reduce_bwd_(
     g_strides = (grad_y.stride(0), grad_y.stride(1), grad_y.stride(2), grad_y.stride(3))
     x_strides = (x.stride(0), x.stride(1), x.stride(2) * stride, x.stride(3) * stride)
 
-    block_m, block_n, block_k, num_warps, num_stages = _gemm_blocks(x.is_cuda, x.dtype, rows, channels, dim)
+    block_m, block_n, block_k, num_warps, num_stages = _gemm_blocks(is_cuda(x), x.dtype, rows, channels, dim)
     grid = (triton.cdiv(rows, block_m), triton.cdiv(channels, block_n))
     wrap_triton(_relu_reduce_bwd_data_kernel)[grid](
         grad_y, weight, x, grad_x,
@@ -332,7 +332,7 @@ def relu_reduce_bwd_(
     )
 
     # Weight gradient: output (d, C), reduction over the rows.
-    block_d, block_c, block_r, num_warps, num_stages = _gemm_blocks(x.is_cuda, x.dtype, dim, channels, rows)
+    block_d, block_c, block_r, num_warps, num_stages = _gemm_blocks(is_cuda(x), x.dtype, dim, channels, rows)
     tiles = triton.cdiv(dim, block_d) * triton.cdiv(channels, block_c)
     splits = _num_splits(x, rows, block_r, tiles)
     rows_per_split = triton.cdiv(triton.cdiv(rows, splits), block_r) * block_r
