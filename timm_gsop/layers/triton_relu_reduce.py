@@ -226,20 +226,24 @@ def _pow2_block(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(n)))
 
 
-def _gemm_blocks(on_cuda: bool, dtype: torch.dtype, m: int, n: int, k: int) -> Tuple[int, int, int, int, int]:
+def _gemm_blocks(on_cuda: bool, dtype: torch.dtype, m: int, n: int, k: int,
+                 max_n: int = 128) -> Tuple[int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for an (m x k) @ (k x n) GEMM on operands of ``dtype``.
 
     Fixed sizes, no autotuning (which the interpreter would run slowly). Off CUDA (the interpreter),
     blocks of 16, tl.dot's smallest: few elements to emulate, and the tests' sizes leave partial blocks.
+    On CUDA the largest that ptxas compiles without spilling for sm_80 and sm_90 in every launch of the
+    GSoP models (``benchmarks/compile_table.py``): a K step of 32 in every dtype (the map's tile passes
+    through registers for its ReLU; 64 bfloat16 channels spilled) and 8 warps from 128 x 64 on.
     """
     if not on_cuda:
         return 16, 16, 16, 4, 1
     if dtype == torch.float64:
         return _pow2_block(m, 16, 64), _pow2_block(n, 16, 64), 16, 4, 2
     block_m = _pow2_block(m, 16, 128)
-    block_n = _pow2_block(n, 16, 128)
-    block_k = _pow2_block(k, 16, 64 if dtype.itemsize <= 2 else 32)
-    return block_m, block_n, block_k, 8 if block_m * block_n >= 128 * 128 else 4, 3
+    block_n = _pow2_block(n, 16, max_n)
+    block_k = _pow2_block(k, 16, 32)
+    return block_m, block_n, block_k, 8 if block_m * block_n >= 128 * 64 else 4, 3
 
 
 def _num_splits(x: Tensor, rows: int, block_rows: int, tiles: int) -> int:
@@ -319,7 +323,8 @@ def relu_reduce_bwd_(
     g_strides = (grad_y.stride(0), grad_y.stride(1), grad_y.stride(2), grad_y.stride(3))
     x_strides = (x.stride(0), x.stride(1), x.stride(2) * stride, x.stride(3) * stride)
 
-    block_m, block_n, block_k, num_warps, num_stages = _gemm_blocks(is_cuda(x), x.dtype, rows, channels, dim)
+    # At most 64 channels a block: its epilogue holds the map's and its gradient's tiles beside the accumulator.
+    block_m, block_n, block_k, num_warps, num_stages = _gemm_blocks(is_cuda(x), x.dtype, rows, channels, dim, max_n=64)
     grid = (triton.cdiv(rows, block_m), triton.cdiv(channels, block_n))
     wrap_triton(_relu_reduce_bwd_data_kernel)[grid](
         grad_y, weight, x, grad_x,
