@@ -203,22 +203,21 @@ def compile_rows(workers: int = os.cpu_count() or 1) -> List[dict]:
 
 
 def markdown(rows: List[dict]) -> str:
-    header = ['Kernel', 'Target', 'Dtype', 'Blocks', 'Warps', 'Stages', 'Registers', 'Stack (B)', 'Shared (B)',
-              'Blocks/SM']
-    order = sorted(rows, key=lambda r: (r['kernel'], r['target'], r['dtype'], r['blocks'], r['registers']))
-    seen, lines = set(), []
-    for r in order:  # launches that differ only in what ptxas does not see in its numbers make one line
-        line = (f"`{r['kernel']}`", r['target'], r['dtype'], r['blocks'], str(r['warps']), str(r['stages']),
-                str(r['registers']), str(r['stack']), str(r['shared']), str(r['blocks_per_sm']))
-        if line not in seen:
-            seen.add(line)
-            lines.append(line)
-    return markdown_table(header, lines, align='lllrrrrrrr')
+    """One line per kernel, target, dtype and launch configuration: the worst of its launches."""
+    groups: Dict[tuple, List[dict]] = {}
+    for r in rows:
+        groups.setdefault((r['kernel'], r['target'], r['dtype'], r['blocks'], r['warps'], r['stages']), []).append(r)
+    lines = [(f'`{k[0]}`', *map(str, k[1:]), str(len(g)), str(max(r['registers'] for r in g)),
+              str(max(r['stack'] for r in g)), str(max(r['shared'] for r in g)), str(min(r['blocks_per_sm'] for r in g)))
+             for k, g in sorted(groups.items())]
+    header = ['Kernel', 'Target', 'Dtype', 'Blocks', 'Warps', 'Stages', 'Launches', 'Registers', 'Stack (B)',
+              'Shared (B)', 'Blocks/SM']
+    return markdown_table(header, lines, align='llllrrrrrrr')
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    p.add_argument('--json', action='store_true', help='print the rows as JSON instead of the table')
+    p.add_argument('--json', action='store_true', help='print every distinct launch as JSON instead of the table')
     p.add_argument('--out', help='also write the output to this file')
     args = p.parse_args(argv)
     rows = compile_rows()
