@@ -5,7 +5,8 @@
 * The launches: GSoP-Net1 and Net2 (ImageNet at 224 px, CIFAR at 32 px) with the fused ops, batch 1 and 128,
   training step and inference, float32 and bf16 autocast, NCHW and channels_last, run on tensors without data
   (``FakeTensorMode``) inside ``record_launches``: the launchers choose blocks, warps and stages as on CUDA and
-  record each launch instead of running it. CUDA's autocast needs a GPU to turn on, so bf16 is the CPU's autocast,
+  record each launch instead of running it. The fake tensors are CPU ones (autograd's engine runs no backward on
+  fake CUDA tensors without a GPU), and CUDA's autocast needs a GPU to turn on, so bf16 is the CPU's autocast,
   which casts what CUDA's does in these models: convolutions and linear layers to bf16, BatchNorm and the fused
   ops as they come, the gate's and the head's second-order maths in float32 with autocast off.
 * Each distinct launch, as Triton's JIT specialises it (argument types, 16-byte alignment and divisibility, ones),
