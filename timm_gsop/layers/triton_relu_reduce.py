@@ -323,8 +323,11 @@ def relu_reduce_bwd_(
     g_strides = (grad_y.stride(0), grad_y.stride(1), grad_y.stride(2), grad_y.stride(3))
     x_strides = (x.stride(0), x.stride(1), x.stride(2) * stride, x.stride(3) * stride)
 
-    # At most 64 channels a block: its epilogue holds the map's and its gradient's tiles beside the accumulator.
+    # At most 64 channels a block: its epilogue holds the map's and its gradient's tiles beside the accumulator
+    # (16-bit maps also at most 64 rows, over 8 warps: 128 rows still spilled on sm_80).
     block_m, block_n, block_k, num_warps, num_stages = _gemm_blocks(is_cuda(x), x.dtype, rows, channels, dim, max_n=64)
+    if is_cuda(x) and x.dtype.itemsize == 2:
+        block_m, num_warps = min(block_m, 64), 8
     grid = (triton.cdiv(rows, block_m), triton.cdiv(channels, block_n))
     wrap_triton(_relu_reduce_bwd_data_kernel)[grid](
         grad_y, weight, x, grad_x,
