@@ -25,6 +25,7 @@ from torch import Tensor
 from torch.library import triton_op
 from timm.layers import register_notrace_function
 
+from ._triton import is_cuda
 
 __all__ = ['relu_reduce', 'join_reduction', 'batch_norm_stats_', 'bn_relu_cov', 'gate_product']
 
@@ -43,7 +44,7 @@ def _triton_module(name: str) -> Optional[ModuleType]:
 
 def _kernels(name: str, t: Tensor) -> Optional[ModuleType]:
     """The launchers to use for ``t``: Triton's on CUDA (the CPU when interpreted), None for the eager kernel."""
-    if t.dtype == torch.float64 or not (t.is_cuda or (_INTERPRET and t.device.type == 'cpu')):
+    if t.dtype == torch.float64 or not (is_cuda(t) or (_INTERPRET and t.device.type == 'cpu')):
         return None
     return _triton_module(name)
 

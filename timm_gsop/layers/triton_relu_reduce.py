@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._triton import wrap_triton
+from ._triton import is_cuda, multi_processor_count, wrap_triton
 
 __all__ = ['relu_reduce_fwd', 'relu_reduce_bwd']
 
@@ -224,7 +224,7 @@ def _input_precision(dtype: torch.dtype) -> str:
 
 def _upcast_dot(x: Tensor) -> bool:
     # Off CUDA the kernels run in Triton's interpreter, whose dot reads bfloat16 as raw integers.
-    return x.device.type != 'cuda' and x.dtype == torch.bfloat16
+    return not is_cuda(x) and x.dtype == torch.bfloat16
 
 
 def _strided(t: Tensor, stride: int) -> Tuple[int, int, int, int]:
@@ -236,20 +236,24 @@ def _pow2_block(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(n)))
 
 
-def _gemm_blocks(on_cuda: bool, dtype: torch.dtype, m: int, n: int, k: int) -> Tuple[int, int, int, int, int]:
+def _gemm_blocks(on_cuda: bool, dtype: torch.dtype, m: int, n: int, k: int,
+                 max_n: int = 128) -> Tuple[int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for an (m x k) @ (k x n) GEMM on operands of ``dtype``.
 
     Fixed sizes, no autotuning (which the interpreter would run slowly). Off CUDA (the interpreter),
     blocks of 16, tl.dot's smallest: few elements to emulate, and the tests' sizes leave partial blocks.
+    On CUDA the largest that ptxas compiles without spilling for sm_80 and sm_90 in every launch of the
+    GSoP models (``benchmarks/compile_table.py``): a K step of 32 in every dtype (the map's tile passes
+    through registers for its ReLU; 64 bfloat16 channels spilled) and 8 warps from 128 x 64 on.
     """
     if not on_cuda:
         return 16, 16, 16, 4, 1
     if dtype == torch.float64:
         return _pow2_block(m, 16, 64), _pow2_block(n, 16, 64), 16, 4, 2
     block_m = _pow2_block(m, 16, 128)
-    block_n = _pow2_block(n, 16, 128)
-    block_k = _pow2_block(k, 16, 64 if dtype.itemsize <= 2 else 32)
-    return block_m, block_n, block_k, 8 if block_m * block_n >= 128 * 128 else 4, 3
+    block_n = _pow2_block(n, 16, max_n)
+    block_k = _pow2_block(k, 16, 32)
+    return block_m, block_n, block_k, 8 if block_m * block_n >= 128 * 64 else 4, 3
 
 
 def _num_splits(x: Tensor, rows: int, block_rows: int, tiles: int) -> int:
@@ -257,8 +261,8 @@ def _num_splits(x: Tensor, rows: int, block_rows: int, tiles: int) -> int:
 
     Few splits keep the partial sums small (at attn_dim 128 and 256 channels, 64 splits write 8 MiB).
     """
-    if x.device.type == 'cuda':
-        target = torch.cuda.get_device_properties(x.device).multi_processor_count
+    if is_cuda(x):
+        target = multi_processor_count(x.device)
     else:
         target = 4  # the interpreter: a few, so the tests cover the split sums
     return max(1, min(triton.cdiv(target, tiles), triton.cdiv(rows, block_rows)))
@@ -285,7 +289,7 @@ def relu_reduce_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride: i
         return y.permute(0, 3, 1, 2)
     if channels == 0:  # an empty sum: the bias alone
         return y.copy_(bias if bias is not None else torch.zeros_like(y)).permute(0, 3, 1, 2)
-    block_m, block_n, block_k, num_warps, num_stages = _gemm_blocks(x.is_cuda, x.dtype, rows, dim, channels)
+    block_m, block_n, block_k, num_warps, num_stages = _gemm_blocks(is_cuda(x), x.dtype, rows, dim, channels)
     grid = (triton.cdiv(rows, block_m), triton.cdiv(dim, block_n))
     wrap_triton(_relu_reduce_fwd_kernel)[grid](
         x, weight, bias if bias is not None else weight, y,
@@ -339,7 +343,11 @@ def relu_reduce_bwd(
     g_strides = (grad_y.stride(0), grad_y.stride(1), grad_y.stride(2), grad_y.stride(3))
     x_strides = _strided(x, stride)
 
-    block_m, block_n, block_k, num_warps, num_stages = _gemm_blocks(x.is_cuda, x.dtype, rows, channels, dim)
+    # At most 64 channels a block: its epilogue holds the map's and its gradient's tiles beside the accumulator
+    # (16-bit maps also at most 64 rows, over 8 warps: 128 rows still spilled on sm_80).
+    block_m, block_n, block_k, num_warps, num_stages = _gemm_blocks(is_cuda(x), x.dtype, rows, channels, dim, max_n=64)
+    if is_cuda(x) and x.dtype.itemsize == 2:
+        block_m, num_warps = min(block_m, 64), 8
     grid = (triton.cdiv(rows, block_m), triton.cdiv(channels, block_n))
     wrap_triton(_relu_reduce_bwd_data_kernel)[grid](
         grad_y, weight, x, source, grad_x,
@@ -351,7 +359,7 @@ def relu_reduce_bwd(
     )
 
     # Weight gradient: output (d, C), reduction over the rows.
-    block_d, block_c, block_r, num_warps, num_stages = _gemm_blocks(x.is_cuda, x.dtype, dim, channels, rows)
+    block_d, block_c, block_r, num_warps, num_stages = _gemm_blocks(is_cuda(x), x.dtype, dim, channels, rows)
     tiles = triton.cdiv(dim, block_d) * triton.cdiv(channels, block_c)
     splits = _num_splits(x, rows, block_r, tiles)
     rows_per_split = triton.cdiv(triton.cdiv(rows, splits), block_r) * block_r
