@@ -5,6 +5,7 @@ the hf-hub: path runs the real huggingface_hub client against a loopback server 
 cache with HF_HUB_OFFLINE=1), and the push path stops at a mocked HfApi.
 """
 import argparse
+import email.message
 import hashlib
 import json
 import os
@@ -448,3 +449,26 @@ def test_python_m_entry_point(monkeypatch, capsys):
         runpy.run_module('timm_gsop', run_name='__main__')
     out = capsys.readouterr().out
     assert exc.value.code == 0 and '--create-pr' in out and '--revision' in out and '--private' in out
+
+
+class _Distribution:
+    def __init__(self, files):
+        self.files, self.metadata = files, email.message.Message()  # no Project-URL
+
+    def read_text(self, name):
+        return self.files.get(name)
+
+
+@pytest.mark.parametrize('files, line', [
+    ({'INSTALLER': 'pip\n'}, '`pip install timm-gsop`'),  # from an index: pip records no direct URL
+    ({'INSTALLER': 'pip\n', 'direct_url.json': json.dumps(dict(
+        url='https://github.com/u/timm-gsop', vcs_info=dict(vcs='git', commit_id='abc123')))},
+     '`pip install git+https://github.com/u/timm-gsop@abc123`'),
+    ({'INSTALLER': 'pip\n', 'direct_url.json': json.dumps(dict(url='file:///home/u/timm-gsop', dir_info={}))},
+     'Install `timm` and the `timm-gsop` package from its source'),  # a local folder: others cannot repeat it
+    ({'INSTALLER': 'conda\n'}, 'Install `timm` and the `timm-gsop` package from its source'),
+])
+def test_card_install_line_repeats_how_the_package_was_installed(monkeypatch, files, line):
+    monkeypatch.setattr(card.metadata, 'distribution', lambda name: _Distribution(files))
+    assert card.install_line() == line
+    assert card.install_line('pip install x') == '`pip install x`'
