@@ -17,8 +17,11 @@ import shlex
 import shutil
 import subprocess
 import sys
+import textwrap
 import time
 from typing import List
+
+import torch
 
 from .recipes import describe_recipes, recipe_args
 from .timm_scripts import (
@@ -38,12 +41,13 @@ _ENVIRONMENT = """environment:
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.description = (
+    parser.description = textwrap.fill(
         "Runs timm's train.py with the GSoP-Net models registered (python -m timm_gsop.train). Every argument that "
         "is not an option below goes to train.py unchanged, after the recipe's, so later arguments win (train.py "
         'keeps the last occurrence of an option). With no dataset (--data-dir / --dataset / --config) and no '
         'recipe, trains a small GSoP-Net on a generated 10-class shapes ImageFolder (no download; on the CPU when '
-        'there is no GPU) and prints the checkpoint, its validation top-1 and the commands to validate and export it.')
+        'there is no GPU) and prints the checkpoint, its validation top-1 and the commands to validate and export it.',
+        100)  # the epilog's layout is kept: the help's formatter takes text as it is
     parser.epilog = '\n\n'.join([
         f'recipes:\n{describe_recipes()}',
         _ENVIRONMENT + '\n  TIMM_GSOP_DEMO_DIR       where the demo writes its shapes dataset (default: the cache dir)',
@@ -53,7 +57,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         '  timm-gsop train --recipe paper-net2 --nproc-per-node 8 --batch-size 32 --data-dir /data/imagenet\n'
         '  timm-gsop validate --checkpoint output/train/RUN/model_best.pth.tar\n'
         '  timm-gsop benchmark --model gsop_resnet50 --device cpu --bench inference\n'
-        'In a checkout ./train_timm.sh is timm-gsop train, and ./train_timm.sh --validate / --benchmark are '
+        'In a checkout ./train_timm.sh is timm-gsop train, and ./train_timm.sh --validate / --benchmark are\n'
         'timm-gsop validate / benchmark.'])
     own = parser.add_argument_group('launcher options')
     own.add_argument('--recipe', metavar='NAME', help="put recipe NAME's train.py arguments first (--list-recipes)")
@@ -69,12 +73,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_script_arguments(parser: argparse.ArgumentParser, script: str) -> None:
     """validate / benchmark: the launcher's own options; the training-only ones are refused by name."""
-    parser.description = (
+    parser.description = textwrap.fill(
         f"Runs timm's {script}.py with the GSoP-Net models registered (python -m timm_gsop.{script}); every "
         f'argument that is not an option below goes to {script}.py unchanged.' + (
             " With --checkpoint RUN/model_best.pth.tar, the options it is not given come from the run's "
             'RUN/args.yaml (model, --model-kwargs, classes, input size, crop, mean/std, interpolation, device, '
-            'dataset, EMA).' if script == 'validate' else ''))
+            'dataset, EMA).' if script == 'validate' else ''), 100)
     parser.epilog = _ENVIRONMENT
     parser.add_argument('--dry-run', action='store_true', help='print the command and exit (fetches nothing)')
     parser.add_argument(f'--help-{script}', dest='help_script', action='store_true',
@@ -155,19 +159,21 @@ def _run(cmd: List[str], env=None) -> int:
             continue
 
 
-def _start(script: str, cmd: List[str], argv: List[str], nproc=None) -> dict:
+def _start(script: str, argv: List[str], nproc=None) -> dict:
     """Refuse, before any work, what this node or the script cannot run; find the script (fetching it if needed)
-    once, for every torchrun process; print the command. Returns the script's environment."""
+    once, for every torchrun process. Returns the script's environment."""
     if nproc is not None:  # train.py's distributed mode runs one process per GPU: DDP on the CPU fails inside it
-        import torch
         gpus = torch.cuda.device_count()
         if gpus < int(nproc):
             raise LaunchError(f"--nproc-per-node {nproc} needs {nproc} GPUs on this node, found {gpus} (train.py's "
                               'distributed mode runs one process per GPU): drop --nproc-per-node to train in one process')
     env = dict(os.environ, **{SCRIPT_ENV[f'{script}.py']: find_script(f'{script}.py')})
     check_args(f'{script}.py', argv)
-    print(f'timm-gsop {script}: {shlex.join(cmd)}', file=sys.stderr, flush=True)
     return env
+
+
+def _announce(script: str, cmd: List[str]) -> None:
+    print(f'timm-gsop {script}: {shlex.join(cmd)}', file=sys.stderr, flush=True)
 
 
 def train(opts: argparse.Namespace, user_args: List[str]) -> int:
@@ -188,7 +194,6 @@ def train(opts: argparse.Namespace, user_args: List[str]) -> int:
             raise LaunchError(f'recipe {opts.recipe} needs a dataset: add --data-dir DIR '
                               '(and --dataset NAME for a non-folder dataset)')
     elif not names_dataset:
-        import torch
         demo_dir = os.environ.get('TIMM_GSOP_DEMO_DIR') or os.path.join(cache_dir(), 'demo-shapes')
         pre_args = demo_args(demo_dir, 'cuda' if opts.nproc_per_node or torch.cuda.is_available() else 'cpu')
     else:
@@ -198,7 +203,7 @@ def train(opts: argparse.Namespace, user_args: List[str]) -> int:
     if opts.dry_run:
         print(shlex.join(cmd))
         return 0
-    env = _start('train', cmd, argv, opts.nproc_per_node)
+    env = _start('train', argv, opts.nproc_per_node)
     if demo_dir:
         from .demo_data import make_demo_dataset
         print(f'timm-gsop train: demo: writing/reusing the generated shapes dataset at {demo_dir}', file=sys.stderr)
@@ -206,6 +211,7 @@ def train(opts: argparse.Namespace, user_args: List[str]) -> int:
             make_demo_dataset(demo_dir)
         except ValueError as e:  # a folder it did not make
             raise LaunchError(f'demo: {e} (TIMM_GSOP_DEMO_DIR)')
+    _announce('train', cmd)
     returncode = _run(cmd, env)
     if returncode == 0:
         report(argv)
@@ -255,4 +261,6 @@ def run_timm_script(script: str, opts: argparse.Namespace, argv: List[str]) -> i
     if opts.dry_run:
         print(shlex.join(cmd))
         return 0
-    return _run(cmd, _start(script, cmd, argv))
+    env = _start(script, argv)
+    _announce(script, cmd)
+    return _run(cmd, env)
