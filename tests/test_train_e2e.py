@@ -1,7 +1,7 @@
 """End to end with timm's real train.py: GSoP-Net2 with a fusion mode and EMA, 2 epochs on CPU, then the
 user's next steps (validate.py with only --checkpoint; fine-tuning to other classes), and an export.
 
-train.py is found as ``train_timm.sh`` finds it (TIMM_TRAIN_PY, or the checkout cached at the
+train.py is found as ``timm-gsop train`` finds it (TIMM_TRAIN_PY, or the checkout cached at the
 installed timm version's tag) but never fetched: without it these tests skip.
 """
 import csv

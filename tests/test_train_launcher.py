@@ -1,12 +1,16 @@
-"""train_timm.sh and timm_gsop.timm_scripts, without timm's train.py and without the network.
+"""``timm-gsop train | validate | benchmark`` (through train_timm.sh, the checkout's wrapper of it) and
+timm_gsop.timm_scripts, without timm's train.py and without the network.
 
-The shell script is run with ``--dry-run`` (it prints the command it would run); finding train.py
-is tested with a temporary cache and a clone URL that cannot work.
+The launcher is run with ``--dry-run`` (it prints the command it would run) or with fake scripts that print their
+arguments; finding train.py is tested with a temporary cache and a clone URL that cannot work.
 """
 import argparse
+import contextlib
+import io
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +18,7 @@ from pathlib import Path
 import pytest
 import timm
 
-from timm_gsop import recipes
+from timm_gsop import cli, launch, recipes
 from timm_gsop.timm_scripts import (
     LaunchError, TimmScriptNotFound, check_args, checkout_dir, find_script, run_defaults, timm_git_ref)
 
@@ -41,8 +45,29 @@ def run_sh(*args, env=None, cwd=None):
         ['bash', str(SCRIPT), *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=120)
 
 
-def dry_run(*args, **kwargs):
-    proc = run_sh('--dry-run', *args, **kwargs)
+def run_cli(*argv, env=None, cwd=None):
+    """``timm-gsop ARGV`` in this process (a dry run or a refusal starts no script): a CompletedProcess."""
+    out, err = io.StringIO(), io.StringIO()
+    saved_env, saved_cwd = dict(os.environ), os.getcwd()
+    try:
+        if env is not None:
+            os.environ.clear()
+            os.environ.update(env)
+        os.chdir(cwd or saved_cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                returncode = cli.main(list(argv))
+            except SystemExit as e:  # argparse
+                returncode = e.code
+    finally:
+        os.environ.clear()
+        os.environ.update(saved_env)
+        os.chdir(saved_cwd)
+    return subprocess.CompletedProcess(argv, returncode, out.getvalue(), err.getvalue())
+
+
+def dry_run(*args, command='train', **kwargs):
+    proc = run_cli(command, '--dry-run', *args, **kwargs)
     assert proc.returncode == 0, proc.stderr
     return shlex.split(proc.stdout)
 
@@ -58,6 +83,11 @@ def test_user_args_pass_through_unchanged(tmp_path):
     user = ['--data-dir', str(tmp_path / 'my data'), '--model', 'gsop2_resnet101',
             '--model-kwargs', 'attn_mode=fusion_max', 'attn_dim=64', '--experiment=a b "c"', '--amp']
     cmd = dry_run(*user[:4], '--dry-run', *user[4:])  # own options may sit anywhere
+    assert cmd[:3] == [sys.executable, '-m', 'timm_gsop.train']
+    assert train_args(cmd) == user
+    proc = run_sh(*user[:4], '--dry-run', *user[4:])  # the same through the checkout's wrapper
+    assert proc.returncode == 0, proc.stderr
+    cmd = shlex.split(proc.stdout)
     assert cmd[:3] == [sys.executable, '-m', 'timm_gsop.train']
     assert train_args(cmd) == user
 
@@ -97,7 +127,7 @@ def test_recipes_are_what_the_paper_and_brief_say():
 
 
 def test_unknown_recipe_lists_recipes(tmp_path):
-    proc = run_sh('--dry-run', '--recipe', 'paper-net3', '--data-dir', str(tmp_path))
+    proc = run_cli('train', '--dry-run', '--recipe', 'paper-net3', '--data-dir', str(tmp_path))
     assert proc.returncode != 0 and proc.stdout == ''
     assert "Unknown recipe 'paper-net3'" in proc.stderr
     for name in recipes.recipe_names():
@@ -105,7 +135,7 @@ def test_unknown_recipe_lists_recipes(tmp_path):
 
 
 def test_recipe_without_dataset_is_refused():
-    proc = run_sh('--dry-run', '--recipe', 'paper-net2')
+    proc = run_cli('train', '--dry-run', '--recipe', 'paper-net2')
     assert proc.returncode != 0 and '--data-dir' in proc.stderr
 
 
@@ -124,7 +154,8 @@ def test_torchrun_multi_node(tmp_path):
     launcher = cmd[cmd.index('torch.distributed.run') + 1:cmd.index('timm_gsop.train') - 1]
     assert launcher == ['--nproc-per-node', '8', '--nnodes', '2', '--node-rank', '1', '--rdzv-endpoint', 'node0:29500']
     assert train_args(cmd) == ['--data-dir', str(tmp_path)]
-    proc = run_sh('--dry-run', '--nproc-per-node', '8', '--nnodes', '2', '--node-rank', '0', '--data-dir', str(tmp_path))
+    proc = run_cli('train', '--dry-run', '--nproc-per-node', '8', '--nnodes', '2', '--node-rank', '0',
+                   '--data-dir', str(tmp_path))
     assert proc.returncode != 0 and '--rdzv-endpoint' in proc.stderr
 
 
@@ -166,7 +197,7 @@ def test_not_found_without_git(offline, tmp_path, monkeypatch):
 
 def test_script_stops_with_the_message_when_offline(offline, tmp_path):
     demo_dir = tmp_path / 'demo'
-    proc = run_sh('--epochs', '1', env=dict(os.environ, TIMM_GSOP_DEMO_DIR=str(demo_dir)), cwd=tmp_path)
+    proc = run_cli('train', '--epochs', '1', env=dict(os.environ, TIMM_GSOP_DEMO_DIR=str(demo_dir)), cwd=tmp_path)
     assert proc.returncode == 2
     assert 'export TIMM_TRAIN_PY=' in proc.stderr
     assert not demo_dir.exists()  # stopped before doing any work
@@ -221,7 +252,7 @@ def test_module_runs_script_as_main_with_models_registered(tmp_path, script):
 @pytest.mark.parametrize('option', ['--nproc-per-node', '--nnodes', '--node-rank', '--rdzv-endpoint', '--recipe'])
 def test_empty_option_values_are_refused(tmp_path, option):
     for args in ([option, ''], [f'{option}=']):
-        proc = run_sh('--dry-run', *args, '--data-dir', str(tmp_path))
+        proc = run_cli('train', '--dry-run', *args, '--data-dir', str(tmp_path))
         assert proc.returncode == 2 and proc.stdout == ''
         assert f'{option} needs a value, got an empty one' in proc.stderr
 
@@ -231,17 +262,10 @@ def test_validate_names_its_own_variable(offline, tmp_path):
     own.mkdir()
     (own / 'train.py').write_text('')  # a train.py with no validate.py beside it
     env = dict(os.environ, TIMM_TRAIN_PY=str(own / 'train.py'))
-    proc = run_sh('--validate', '--model', 'gsop_resnet50', env=env)
+    proc = run_cli('validate', '--model', 'gsop_resnet50', env=env)
     assert proc.returncode == 2
     assert 'TIMM_VALIDATE_PY is not set and there is no validate.py beside TIMM_TRAIN_PY' in proc.stderr
     assert 'TIMM_TRAIN_PY is set to' not in proc.stderr
-
-
-def test_recipes_module_help():
-    proc = subprocess.run([sys.executable, str(ROOT / 'timm_gsop' / 'recipes.py'), '--help'],
-                          capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0 and proc.stdout.startswith('usage: python -m timm_gsop.recipes [NAME]')
-    assert all(name in proc.stdout for name in recipes.recipe_names()) and 'Unknown recipe' not in proc.stderr
 
 
 @pytest.mark.parametrize('args, message', [
@@ -254,28 +278,30 @@ def test_recipes_module_help():
      "--rdzv-backend must be one of static, c10d, etcd, etcd-v2 (torchrun's), got 'foo'"),
 ])
 def test_bad_torchrun_values_are_refused(tmp_path, args, message):
-    proc = run_sh('--dry-run', '--nproc-per-node', '2', '--rdzv-endpoint', 'h:1', *args, '--data-dir', str(tmp_path))
+    proc = run_cli('train', '--dry-run', '--nproc-per-node', '2', '--rdzv-endpoint', 'h:1', *args,
+                   '--data-dir', str(tmp_path))
     assert proc.returncode == 2 and proc.stdout == ''
-    assert proc.stderr.strip() == f'train_timm: {message}'
+    assert proc.stderr.strip() == f'timm-gsop train: error: {message}'
 
 
 def test_ddp_without_gpus_is_refused_before_torchrun(offline, tmp_path):
     import torch
     if torch.cuda.device_count() >= 2:
         pytest.skip('this machine has the GPUs')
-    proc = run_sh('--nproc-per-node', '2', '--data-dir', str(tmp_path))
+    proc = run_cli('train', '--nproc-per-node', '2', '--data-dir', str(tmp_path))
     assert proc.returncode == 2 and proc.stdout == ''
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(
-        f'train_timm: --nproc-per-node 2 needs 2 GPUs on this node, found {torch.cuda.device_count()}')
+        f'timm-gsop train: error: --nproc-per-node 2 needs 2 GPUs on this node, found {torch.cuda.device_count()}')
     assert not offline.exists()  # refused before train.py was looked for
 
 
 def test_benchmark_mode(tmp_path):
-    cmd = dry_run('--benchmark', '--model', 'gsop_resnet50', '--bench', 'inference')
+    cmd = dry_run('--model', 'gsop_resnet50', '--bench', 'inference', command='benchmark')
     assert cmd == [sys.executable, '-m', 'timm_gsop.benchmark', '--model', 'gsop_resnet50', '--bench', 'inference']
-    proc = run_sh('--dry-run', '--benchmark', '--recipe', 'paper-net1')
-    assert proc.returncode == 2 and '--recipe is for training, not with --benchmark' in proc.stderr
+    proc = run_sh('--dry-run', '--benchmark', '--recipe', 'paper-net1')  # the wrapper's --benchmark
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        'timm-gsop benchmark: error: --recipe is for training (timm-gsop train), not for benchmark')
     own = tmp_path / 'own'
     own.mkdir()
     (own / 'train.py').write_text('')
@@ -397,10 +423,10 @@ def test_launcher_refuses_what_the_script_would_refuse_with_a_traceback(tmp_path
 def test_launcher_refuses_a_mismatch_before_the_script_runs(tmp_path):
     run = _run_folder(tmp_path, model_kwargs={})  # args.yaml without the run's layers
     fake = _fake_script(tmp_path / 'validate.py')
-    proc = run_sh('--validate', '--checkpoint', str(run / 'model_best.pth.tar'),
+    proc = run_cli('validate', '--checkpoint', str(run / 'model_best.pth.tar'),
                   env=dict(os.environ, TIMM_VALIDATE_PY=str(fake)))
     assert proc.returncode == 2 and proc.stdout == ''  # validate.py never ran
-    assert f'timm_gsop: {run / "model_best.pth.tar"}: ' in proc.stderr and '--model-kwargs' in proc.stderr
+    assert f'timm-gsop validate: error: {run / "model_best.pth.tar"}: ' in proc.stderr and '--model-kwargs' in proc.stderr
 
 
 def test_demo_never_replaces_a_folder_it_did_not_make(tmp_path):
@@ -452,3 +478,65 @@ def test_launcher_refuses_non_finite_weights_before_the_script_runs(tmp_path, ba
         check_args('validate.py', ['--model', 'gsop_resnet50', '--model-kwargs', 'layers=(1,1,1,1)',
                                          '--num-classes', '10', '--checkpoint', str(ckpt)])
     assert 'fc.bias' in str(e.value)
+
+
+# --- after training: the report and the commands it prints -------------------------------------------------------
+
+_FAKE_TRAIN = '''
+import argparse, os, yaml
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    for option in ("--output", "--experiment", "--model"):
+        parser.add_argument(option)
+    args, _ = parser.parse_known_args()
+    out = os.path.join(args.output or "./output/train", args.experiment)  # as train.py names it
+    os.makedirs(out)
+    with open(os.path.join(out, "summary.csv"), "w") as f:
+        f.write("epoch,train_loss,eval_top1\\n0,2.0,40.0\\n1,1.5,62.5\\n2,1.4,60.0\\n")
+    open(os.path.join(out, "model_best.pth.tar"), "w").close()
+    with open(os.path.join(out, "args.yaml"), "w") as f:
+        yaml.safe_dump(dict(model=args.model, device="cpu", workers=1), f)
+'''
+
+
+def test_report_prints_commands_that_work(tmp_path):
+    """A run through the checkout's wrapper (another cwd): its report's validate command runs validate.py."""
+    (tmp_path / 'train.py').write_text(_FAKE_TRAIN)
+    fake_validate = _fake_script(tmp_path / 'validate.py')
+    env = {k: v for k, v in os.environ.items() if k not in _ENV_VARS}
+    env.update(TIMM_TRAIN_PY=str(tmp_path / 'train.py'), TIMM_VALIDATE_PY=str(fake_validate))
+    cwd = tmp_path / 'elsewhere'
+    cwd.mkdir()
+    proc = run_sh('--data-dir', 'data', '--model', 'resnet18', '--experiment', 'run 1', env=env, cwd=cwd)
+    assert proc.returncode == 0, proc.stderr
+    run = cwd / 'output' / 'train' / 'run 1'  # train.py's default --output, from the cwd
+    lines = dict(line.split(': ', 1) for line in proc.stdout.strip().splitlines())
+    assert lines['Checkpoint'] == str(run / 'model_best.pth.tar')
+    assert lines['Validation top-1'] == '62.50% (best, epoch 1); last epoch 2: 60.00%'
+    validate = shlex.split(lines['Validate it'])
+    assert validate == [str(SCRIPT), 'validate', '--checkpoint', str(run / 'model_best.pth.tar')]
+    assert shlex.split(lines['Export it'].strip()) == [
+        str(SCRIPT), 'export', str(run / 'model_best.pth.tar'), str(run / 'export')]
+    proc = subprocess.run(validate, env=dict(env, PYTHON=sys.executable), cwd=cwd, capture_output=True, text=True,
+                          timeout=120)  # the user's shell: this venv's python
+    assert proc.returncode == 0, proc.stderr
+    import json
+    argv = json.loads(proc.stdout.strip().splitlines()[-1])['argv'][1:]
+    assert argv == ['--model', 'resnet18', '--device', 'cpu', '--workers', '1',
+                    '--checkpoint', str(run / 'model_best.pth.tar')]  # the run's settings from its args.yaml
+
+
+def test_printed_commands_name_what_the_user_ran(tmp_path, monkeypatch):
+    monkeypatch.setenv('TIMM_GSOP_LAUNCHER', str(ROOT / 'train_timm.sh'))
+    monkeypatch.chdir(ROOT)
+    assert launch.own_command() == ['./train_timm.sh']  # as the README runs it
+    monkeypatch.chdir(tmp_path)
+    assert launch.own_command() == [str(ROOT / 'train_timm.sh')]
+    monkeypatch.delenv('TIMM_GSOP_LAUNCHER')
+    console_script = shutil.which('timm-gsop', path=os.path.dirname(sys.executable))
+    if console_script is None:
+        pytest.skip('this install has no timm-gsop console script beside its interpreter')
+    monkeypatch.setenv('PATH', os.path.dirname(console_script))
+    assert launch.own_command() == ['timm-gsop']  # an activated venv
+    monkeypatch.setenv('PATH', str(tmp_path))
+    assert launch.own_command() == [console_script]  # a venv that is not on PATH

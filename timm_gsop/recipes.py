@@ -1,6 +1,6 @@
 """Training recipes for timm's train.py, as argument lists.
 
-A recipe is a list of train.py arguments; ``train_timm.sh --recipe NAME`` puts it before the user's
+A recipe is a list of train.py arguments; ``timm-gsop train --recipe NAME`` puts it before the user's
 own arguments, and train.py's argparse keeps the last occurrence of an option, so anything the user
 passes (``--model``, ``--batch-size``, ``--epochs``, ...) overrides the recipe. Flags that a recipe
 switches on (``--model-ema``, ``--amp``) cannot be switched off that way; copy the recipe's
@@ -8,12 +8,8 @@ arguments from ``--dry-run`` instead.
 
 ``--batch-size`` is per process. The learning rates are given per batch size with ``--lr-base`` /
 ``--lr-base-size``, so train.py scales them to the global batch (batch size x processes); pass an
-explicit ``--lr`` to fix it instead.
-
-    python -m timm_gsop.recipes            # list the recipes
-    python -m timm_gsop.recipes NAME       # print a recipe's arguments, one per line
+explicit ``--lr`` to fix it instead. ``timm-gsop train --list-recipes`` lists them.
 """
-import sys
 from typing import Dict, List
 
 __all__ = ['RECIPES', 'recipe_args', 'recipe_names', 'describe_recipes']
@@ -92,24 +88,3 @@ def recipe_args(name: str) -> List[str]:
 def describe_recipes() -> str:
     width = max(map(len, RECIPES))
     return '\n'.join(f'  {name:<{width}}  {r["description"]}' for name, r in RECIPES.items())
-
-
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv:
-        print(describe_recipes())
-        return
-    if argv[0] in ('-h', '--help'):
-        print('usage: python -m timm_gsop.recipes [NAME]\n\n'
-              'Without NAME, lists the recipes; with NAME, prints its train.py arguments, one a line.\n\n'
-              f'Recipes:\n{describe_recipes()}')
-        return
-    try:
-        print('\n'.join(recipe_args(argv[0])))
-    except KeyError as e:
-        print(f'train_timm: {e.args[0]}', file=sys.stderr)
-        sys.exit(2)
-
-
-if __name__ == '__main__':
-    main()

@@ -16,10 +16,8 @@ Before running validate.py, the options it is not given are taken from the train
 beside ``--checkpoint`` (model, its kwargs, classes, preprocessing, device, dataset). Before any script runs, a
 GSoP model's name and keywords are checked, and a checkpoint it would load (validate.py's ``--checkpoint``,
 train.py's ``--initial-checkpoint`` / ``--resume``) is checked against the model the flags describe: a mismatch
-says which flags fit.
-
-    python -m timm_gsop.timm_scripts train.py     # print the path, fetching the checkout if needed
-    python timm_gsop/timm_scripts.py --cache-dir  # print the cache folder (stdlib only: no torch import)
+says which flags fit. ``timm_gsop.launch`` (``timm-gsop train | validate | benchmark``) does both once before it
+starts the script; ``python -m timm_gsop.train`` and its siblings do them again, as entry points of their own.
 """
 import argparse
 import os
@@ -32,7 +30,7 @@ from typing import List, Optional
 
 __all__ = [
     'TimmScriptNotFound', 'LaunchError', 'timm_git_ref', 'cache_dir', 'checkout_dir', 'find_script', 'run_defaults',
-    'check_args', 'run_script',
+    'check_args', 'run_script', 'option_given', 'option_value',
 ]
 
 TIMM_REPO_URL = 'https://github.com/huggingface/pytorch-image-models'
@@ -165,12 +163,12 @@ class LaunchError(ValueError):
     """A one-line reason not to start the script."""
 
 
-def _given(argv: List[str], option: str) -> bool:
+def option_given(argv: List[str], option: str) -> bool:
     names = (option, *_ALIASES.get(option, ()))
     return any(a in names or a.split('=', 1)[0] in names for a in argv)
 
 
-def _last_value(argv: List[str], option: str) -> Optional[str]:
+def option_value(argv: List[str], option: str) -> Optional[str]:
     value = None
     for i, a in enumerate(argv):
         if a == option and i + 1 < len(argv):
@@ -182,7 +180,7 @@ def _last_value(argv: List[str], option: str) -> Optional[str]:
 
 def run_defaults(argv: List[str]) -> List[str]:
     """validate.py options from the ``args.yaml`` beside ``--checkpoint`` that ``argv`` does not give."""
-    checkpoint = _last_value(argv, '--checkpoint')
+    checkpoint = option_value(argv, '--checkpoint')
     run_args = os.path.join(os.path.dirname(os.path.abspath(checkpoint)), 'args.yaml') if checkpoint else ''
     if not os.path.isfile(run_args):
         return []
@@ -197,7 +195,7 @@ def run_defaults(argv: List[str]) -> List[str]:
     out = []
     for key, option in _RUN_TO_VALIDATE.items():
         value = run.get(key)
-        if value in (None, '', [], {}, False) or _given(argv + out, option):
+        if value in (None, '', [], {}, False) or option_given(argv + out, option):
             continue
         if value is True:
             out.append(option)
@@ -205,7 +203,8 @@ def run_defaults(argv: List[str]) -> List[str]:
             out += [option] + [f'{k}={v if isinstance(v, str) else repr(v)}' for k, v in value.items()]
         else:
             out += [option] + [str(v) for v in (value if isinstance(value, list) else [value])]
-    print(f'timm_gsop: from {run_args}: {shlex.join(out)}', file=sys.stderr)  # a command line to copy
+    if out:
+        print(f'timm_gsop: from {run_args}: {shlex.join(out)}', file=sys.stderr)  # a command line to copy
     return out
 
 
@@ -215,8 +214,8 @@ def check_args(name: str, argv: List[str]) -> None:
     default model); published weights, which GSoP models have none of; a checkpoint that is missing, unreadable
     or non-finite, or that does not fit the model the flags describe (saying which flags fit).
     """
-    model_name = _last_value(argv, '--model') or _last_value(argv, '-m') or ''
-    if not model_name.startswith('gsop') or _given(argv, '--config') or _given(argv, '-c'):
+    model_name = option_value(argv, '--model') or option_value(argv, '-m') or ''
+    if not model_name.startswith('gsop') or option_given(argv, '--config') or option_given(argv, '-c'):
         return  # another family, or options this parser does not see (a --config file)
     import torch
     import timm
@@ -242,9 +241,9 @@ def check_args(name: str, argv: List[str]) -> None:
         raise LaunchError(f'--model {model_name} with these options: {reason}')
 
     options = {'validate.py': ('--checkpoint',), 'train.py': ('--initial-checkpoint', '--resume')}.get(name, ())
-    option, path = next(((o, p) for o in options if (p := _last_value(argv, o))), ('', None))
+    option, path = next(((o, p) for o in options if (p := option_value(argv, o))), ('', None))
     # validate.py asks for published weights without --checkpoint (or with --pretrained); train.py with --pretrained
-    if (_given(argv, '--pretrained') and not _last_value(argv, '--pretrained-path')) or (
+    if (option_given(argv, '--pretrained') and not option_value(argv, '--pretrained-path')) or (
             name == 'validate.py' and not path):
         use = '--checkpoint FILE' if name == 'validate.py' else '--pretrained-path FILE with --pretrained'
         raise LaunchError(f'no pretrained weights are published for {model_name}: give {use} '
@@ -281,22 +280,3 @@ def run_script(name: str, argv=None) -> None:
     sys.argv = [path] + argv  # argparse shows the script's name
     sys.path.insert(0, os.path.dirname(path))  # as `python train.py` would
     runpy.run_path(path, run_name='__main__')
-
-
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    if argv == ['--cache-dir']:
-        print(cache_dir())
-        return
-    if len(argv) != 1 or argv[0] not in SCRIPT_ENV:
-        print(f'usage: python -m timm_gsop.timm_scripts {{{",".join(SCRIPT_ENV)}|--cache-dir}}', file=sys.stderr)
-        sys.exit(2)
-    try:
-        print(find_script(argv[0]))
-    except TimmScriptNotFound as e:
-        print(f'timm_gsop: {e}', file=sys.stderr)
-        sys.exit(2)
-
-
-if __name__ == '__main__':
-    main()

@@ -73,15 +73,26 @@ def measure(model_name: str, model_kwargs: Dict[str, Any], input_size: Sequence[
 
 
 def install_line(install: Optional[str] = None) -> str:
-    """``install`` when given, else the package's source URL from its metadata, else: from its source."""
+    """``install`` when given; else the pip command that repeats how this package was installed, where others can
+    (from an index, or a VCS or archive URL: PEP 610's direct_url.json says which); else its source URL from its
+    metadata, else: from its source."""
     if install:
         return f'`{install}`'
     try:
-        meta = metadata.metadata('timm-gsop')
-        urls = [u.split(',', 1)[-1].strip() for u in meta.get_all('Project-URL') or []] + [meta.get('Home-page')]
+        dist = metadata.distribution('timm-gsop')
     except metadata.PackageNotFoundError:
-        urls = []
-    url = next((u for u in urls if u and u.startswith('https://')), None)
+        return 'Install `timm` and the `timm-gsop` package from its source'
+    direct_url = dist.read_text('direct_url.json')
+    if direct_url is None and (dist.read_text('INSTALLER') or '').strip() in ('pip', 'uv'):
+        return '`pip install timm-gsop`'  # pip and uv record every install that is not from an index
+    origin = json.loads(direct_url or '{}')
+    url, vcs = origin.get('url', ''), origin.get('vcs_info', {})
+    if url.startswith('https://') and vcs.get('commit_id'):
+        return f'`pip install {vcs["vcs"]}+{url}@{vcs["commit_id"]}`'
+    if url.startswith('https://') and 'archive_info' in origin:
+        return f'`pip install {url}`'
+    urls = [u.split(',', 1)[-1].strip() for u in dist.metadata.get_all('Project-URL') or []]
+    url = next((u for u in urls + [dist.metadata.get('Home-page')] if u and u.startswith('https://')), None)
     return f'Install `timm` and the `timm-gsop` package from {url if url else "its source"}'
 
 
