@@ -343,10 +343,10 @@ def relu_reduce_bwd(
     g_strides = (grad_y.stride(0), grad_y.stride(1), grad_y.stride(2), grad_y.stride(3))
     x_strides = _strided(x, stride)
 
-    # At most 64 channels a block: its epilogue holds the map's and its gradient's tiles beside the accumulator
-    # (16-bit maps also at most 64 rows, over 8 warps: 128 rows still spilled on sm_80).
+    # At most 64 x 64 a block, over 8 warps: its epilogue holds the map's, the other gradient's and the sum's tiles
+    # beside the accumulator (128 rows spilled on sm_80 and sm_90).
     block_m, block_n, block_k, num_warps, num_stages = _gemm_blocks(is_cuda(x), x.dtype, rows, channels, dim, max_n=64)
-    if is_cuda(x) and x.dtype.itemsize == 2:
+    if is_cuda(x):
         block_m, num_warps = min(block_m, 64), 8
     grid = (triton.cdiv(rows, block_m), triton.cdiv(channels, block_n))
     wrap_triton(_relu_reduce_bwd_data_kernel)[grid](
