@@ -30,3 +30,13 @@ def assert_hooks_fire_on_every_module_with_parameters(model, size):
         model.train(train)(torch.randn(2, 3, size, size))
         assert fired == with_params, sorted(with_params - fired)
     return with_params
+
+
+@pytest.fixture(scope='module')
+def one_thread():
+    """Small maps run faster on one thread than on OpenMP threads fighting a busy CPU. Use it in a test module as
+    ``pytestmark = pytest.mark.usefixtures('one_thread')`` after importing it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

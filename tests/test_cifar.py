@@ -11,16 +11,13 @@ from timm.models._features_fx import GraphExtractNet
 from timm_gsop.layers import ATTN_MODES, GSoPAttn, IsqrtCovPool
 from timm_gsop.models.gsop_resnet_cifar import CIFAR100_MEAN, CIFAR100_STD, GSoPResNetCifar
 
+from checks import one_thread  # noqa: F401  the fixture
+
 NAMES = ('gsop_resnet164_cifar', 'gsop2_resnet164_cifar')
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    # 32 px maps are small: one thread is faster than OpenMP threads fighting a busy CPU.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# 32 px maps: one thread.
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def _x(batch=2, size=32, seed=1):

@@ -19,6 +19,8 @@ import timm
 import timm_gsop  # noqa: F401  registers the models
 from timm_gsop.layers import GSoPAttn, GSoPChannelGate, set_fused_gsop, use_fused_gsop
 
+from checks import one_thread  # noqa: F401  the fixture
+
 # Relative to each module output's largest value. Measured on gsop_resnet50 at 64 px: at every BatchNorm output and
 # gate, the float32 forward's deviation from float64 is (rms) a seventh to a tenth of this nudge's; at 1e-7 the probe
 # missed a tie that both float32 paths flipped.
@@ -80,14 +82,9 @@ ATTN_CASES = {
 }
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    # Small maps: one thread is faster than OpenMP threads fighting a busy CPU (4x here on 2 shared cores). The
-    # verdict does not depend on it: at a well-posed point no float32 summation order flips a ReLU.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# One thread (4x faster here on 2 shared cores); the verdict does not depend on it: at a well-posed point
+# no float32 summation order flips a ReLU.
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def _max_errors(got, truth, floor=FLOOR):
