@@ -260,10 +260,13 @@ def _block_d(d: int, block_d: Optional[int]) -> int:
     return block_d or min(128, max(16, triton.next_power_of_2(d)))
 
 
-def _launch_options(block_d: int, num_stages: int) -> dict:
-    # Chosen so that ptxas (sm_90) spills no registers for bfloat16, float32 and float64 maps with
-    # the default tiles: the backward keeps all of G + G^T in registers, a pipelined load would not fit.
-    return dict(num_warps=8 if block_d >= 128 else 4, num_stages=num_stages)
+def _launch_options(block_d: int, backward: bool, dtype: torch.dtype) -> dict:
+    # Chosen so that ptxas (sm_80 and sm_90, Triton 3.7 and 3.8) spills no registers with the default tiles.
+    # The backward keeps all of G + G^T in registers, so no pipelined load. Over 8 warps a 128-row G spilled
+    # 3 KiB on Triton 3.7's sm_90 float32 maps: 16 warps hold it. 16-bit maps need more than 16 warps leave
+    # a thread (128 registers) and do not spill over 8.
+    warps = 4 if block_d < 128 else 16 if backward and dtype == torch.float32 else 8
+    return dict(num_warps=warps, num_stages=1 if backward else 2)
 
 
 def _check_map(y: Tensor) -> None:
@@ -343,7 +346,7 @@ def bn_relu_cov_fwd(
     wrap_triton(_bn_relu_cov_fwd_kernel)[(B, tiles, tiles)](
         y, mean, scale, bias, cov, zmean, D, M, W, *_map_strides(y),
         FLAT_HW=_flat_hw(y), ONE_TILE=tiles == 1, PRECISION=_dot_precision(y),
-        BLOCK_D=block_d, BLOCK_M=block_m, **_launch_options(block_d, num_stages=2))
+        BLOCK_D=block_d, BLOCK_M=block_m, **_launch_options(block_d, backward=False, dtype=y.dtype))
     return cov, zmean
 
 
@@ -389,7 +392,7 @@ def bn_relu_cov_bwd(
     kernel = wrap_triton(_bn_relu_cov_bwd_kernel)[(B, tiles)]
     shared = dict(
         FLAT_HW=_flat_hw(y, grad_y), ONE_TILE=tiles == 1, PRECISION=_dot_precision(y),
-        BLOCK_D=block_d, BLOCK_M=block_m, **_launch_options(block_d, num_stages=1))
+        BLOCK_D=block_d, BLOCK_M=block_m, **_launch_options(block_d, backward=True, dtype=y.dtype))
 
     def launch(coef: Tensor, write_sums: bool, write_grad: bool) -> None:
         kernel(
