@@ -263,8 +263,8 @@ def _block_d(d: int, block_d: Optional[int]) -> int:
 def _launch_options(block_d: int, backward: bool, dtype: torch.dtype) -> dict:
     # Chosen so that ptxas (sm_80 and sm_90, Triton 3.7 and 3.8) spills no registers with the default tiles.
     # The backward keeps all of G + G^T in registers, so no pipelined load. Over 8 warps a 128-row G spilled
-    # 3 KiB on Triton 3.7's sm_90 float32 maps: 16 warps hold it. 16-bit maps need more than 16 warps leave
-    # a thread (128 registers) and do not spill over 8.
+    # 3 KiB on Triton 3.7's sm_90 float32 maps: 16 warps hold it. 16-bit maps need more than the 128 registers
+    # a thread gets at 16 warps, and do not spill over 8.
     warps = 4 if block_d < 128 else 16 if backward and dtype == torch.float32 else 8
     return dict(num_warps=warps, num_stages=1 if backward else 2)
 
