@@ -17,7 +17,7 @@ import timm
 import timm_gsop  # noqa: F401
 from timm.data import create_dataset, create_loader, create_transform, resolve_data_config, resolve_model_data_config
 from timm_gsop import cli
-from timm_gsop.demo_data import make_demo_dataset
+from timm_gsop.launcher.demo_data import make_demo_dataset
 from timm_gsop.hub import card
 
 from export_helpers import assert_publishable, make_model, write_run

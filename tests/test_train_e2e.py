@@ -14,9 +14,9 @@ import sys
 import pytest
 import torch
 
-from timm_gsop.demo_data import make_demo_dataset
-from timm_gsop.recipes import RECIPES
-from timm_gsop.timm_scripts import TimmScriptNotFound, find_script
+from timm_gsop.launcher.demo_data import make_demo_dataset
+from timm_gsop.launcher.recipes import RECIPES
+from timm_gsop.launcher.timm_scripts import TimmScriptNotFound, find_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

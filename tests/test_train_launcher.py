@@ -1,5 +1,5 @@
 """``timm-gsop train | validate | benchmark`` (through train_timm.sh, the checkout's wrapper of it) and
-timm_gsop.timm_scripts, without timm's train.py and without the network.
+timm_gsop.launcher.timm_scripts, without timm's train.py and without the network.
 
 The launcher is run with ``--dry-run`` (it prints the command it would run) or with fake scripts that print their
 arguments; finding train.py is tested with a temporary cache and a clone URL that cannot work.
@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 import timm
 
-from timm_gsop import cli, launch, recipes
-from timm_gsop.timm_scripts import (
+from timm_gsop import cli
+from timm_gsop.launcher import launch, recipes
+from timm_gsop.launcher.timm_scripts import (
     LaunchError, TimmScriptNotFound, check_args, checkout_dir, find_script, run_defaults, timm_git_ref)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -433,13 +434,13 @@ def test_demo_never_replaces_a_folder_it_did_not_make(tmp_path):
     own = tmp_path / 'photos'
     own.mkdir()
     (own / 'holiday.jpg').write_bytes(b'mine')
-    proc = subprocess.run([sys.executable, '-m', 'timm_gsop.demo_data', str(own), '--train-per-class', '1',
+    proc = subprocess.run([sys.executable, '-m', 'timm_gsop.launcher.demo_data', str(own), '--train-per-class', '1',
                            '--val-per-class', '1', '--num-classes', '1'], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.startswith(f'demo_data: {own} is not empty and holds no demo set')
     assert [p.name for p in own.iterdir()] == ['holiday.jpg']
     demo = tmp_path / 'demo'
     for n in (1, 2):  # a demo set with other arguments is replaced
-        proc = subprocess.run([sys.executable, '-m', 'timm_gsop.demo_data', str(demo), '--train-per-class', '1',
+        proc = subprocess.run([sys.executable, '-m', 'timm_gsop.launcher.demo_data', str(demo), '--train-per-class', '1',
                                '--val-per-class', '1', '--num-classes', str(n)], capture_output=True, text=True,
                               timeout=120)
         assert proc.returncode == 0, proc.stderr

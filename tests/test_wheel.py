@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from timm_gsop.recipes import recipe_args
-from timm_gsop.timm_scripts import SCRIPT_ENV, TimmScriptNotFound, find_script
+from timm_gsop.launcher.recipes import recipe_args
+from timm_gsop.launcher.timm_scripts import SCRIPT_ENV, TimmScriptNotFound, find_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,7 +63,7 @@ def test_wheel_holds_the_package_only_and_its_command_runs_without_the_checkout(
     venv, wheel, env, work = wheel_venv
     tops = {name.split('/')[0] for name in zipfile.ZipFile(wheel).namelist()}
     assert tops == {'timm_gsop', wheel.name.split('-py')[0] + '.dist-info'}  # no second package
-    where = _run(['python', '-c', 'import timm_gsop, timm_gsop.launch; print(timm_gsop.__file__)'], env, work)
+    where = _run(['python', '-c', 'import timm_gsop, timm_gsop.launcher.launch; print(timm_gsop.__file__)'], env, work)
     assert Path(where.stdout.strip()).is_relative_to(venv)
     assert shutil.which('timm-gsop', path=env['PATH']) == str(venv / 'bin' / 'timm-gsop')
     out = _run(['timm-gsop', '--help'], env, work).stdout

@@ -6,7 +6,7 @@
     timm-gsop export CHECKPOINT OUT_DIR [--model NAME] [--model-kwargs k=v ...] [--force] [options]
     timm-gsop push CHECKPOINT REPO_ID [--model NAME] [--private] [--revision R] [--create-pr] [options]
 
-train, validate and benchmark run timm's scripts (``timm_gsop.launch``); export and push write and upload Hub
+train, validate and benchmark run timm's scripts (``timm_gsop.launcher``); export and push write and upload Hub
 folders (``timm_gsop.hub``). Progress goes to stderr, results (the folder, the commit URL, a dry run's command) to
 stdout. A refusal is one ``timm-gsop COMMAND: error: ...`` line: exit status 2 for the command line and the
 launcher's checks, 1 for an export or push that failed.
@@ -18,8 +18,8 @@ import sys
 from pathlib import Path
 from typing import Any, List, Optional, Tuple
 
-from . import launch
-from .timm_scripts import LaunchError, TimmScriptNotFound
+from .launcher import launch
+from .launcher.timm_scripts import LaunchError, TimmScriptNotFound
 
 __all__ = ['main', 'build_parser']
 

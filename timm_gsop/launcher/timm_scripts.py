@@ -16,7 +16,7 @@ Before running validate.py, the options it is not given are taken from the train
 beside ``--checkpoint`` (model, its kwargs, classes, preprocessing, device, dataset). Before any script runs, a
 GSoP model's name and keywords are checked, and a checkpoint it would load (validate.py's ``--checkpoint``,
 train.py's ``--initial-checkpoint`` / ``--resume``) is checked against the model the flags describe: a mismatch
-says which flags fit. ``timm_gsop.launch`` (``timm-gsop train | validate | benchmark``) does both once before it
+says which flags fit. ``timm_gsop.launcher.launch`` (``timm-gsop train | validate | benchmark``) does both once before it
 starts the script; ``python -m timm_gsop.train`` and its siblings do them again, as entry points of their own.
 """
 import argparse
@@ -220,8 +220,8 @@ def check_args(name: str, argv: List[str]) -> None:
     import torch
     import timm
     from timm.utils import ParseKwargs
-    from .models._base import check_attn_mode
-    from .models._checkpoint import (
+    from ..models._base import check_attn_mode
+    from ..models._checkpoint import (
         CheckpointError, check_finite, check_state_dict_fits, load_checkpoint_file, state_dict_from_checkpoint)
     if model_name not in timm.list_models('gsop*'):
         raise LaunchError(f'unknown model {model_name!r}; the GSoP-Net models: {", ".join(timm.list_models("gsop*"))}')

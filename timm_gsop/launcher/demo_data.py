@@ -4,7 +4,7 @@ Nothing is downloaded: every image is drawn with Pillow from a seeded RNG, so th
 give the same files. Shape, not colour, gives the class (colours, size, position, rotation and
 noise are random), which a GSoP-Net learns to well above chance in a few CPU epochs.
 
-    python -m timm_gsop.demo_data OUT_DIR [--train-per-class N] [--val-per-class N] [--size PX]
+    python -m timm_gsop.launcher.demo_data OUT_DIR [--train-per-class N] [--val-per-class N] [--size PX]
 
 writes ``OUT_DIR/train/<class>/*.png`` and ``OUT_DIR/validation/<class>/*.png``, the layout that
 timm's ImageFolder reader (``--data-dir OUT_DIR``) expects.
