@@ -15,6 +15,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -25,12 +26,12 @@ import torch
 
 from .recipes import describe_recipes, recipe_args
 from .timm_scripts import (
-    SCRIPT_ENV, LaunchError, cache_dir, check_args, find_script, option_given, option_value, run_defaults)
+    SCRIPT_ENV, STOPPED, LaunchError, cache_dir, check_args, find_script, option_given, option_value, run_defaults)
 
 __all__ = ['add_train_arguments', 'add_script_arguments', 'train', 'run_timm_script', 'torchrun_launch', 'demo_args',
            'own_command']
 
-TORCHRUN_OPTIONS = ('--nproc-per-node', '--nnodes', '--node-rank', '--rdzv-endpoint', '--rdzv-backend')
+TORCHRUN_OPTIONS = ('--nproc-per-node', '--nnodes', '--node-rank', '--rdzv-endpoint', '--rdzv-backend', '--max-restarts')
 RDZV_BACKENDS = ('static', 'c10d', 'etcd', 'etcd-v2')  # torchrun's
 DATASET_OPTIONS = ('--data-dir', '--dataset', '-c', '--config')  # a positional DIR is deprecated in train.py
 
@@ -53,7 +54,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         _ENVIRONMENT + '\n  TIMM_GSOP_DEMO_DIR       where the demo writes its shapes dataset (default: the cache dir)',
         'examples:\n'
         '  timm-gsop train                                            # the CPU demo\n'
-        '  timm-gsop train --recipe paper-net1 --data-dir /data/imagenet --amp\n'
+        '  timm-gsop train --recipe paper-net1 --data-dir /data/imagenet --amp --experiment r50-net1\n'
+        '      (run again, the same command continues a stopped run; SIGTERM / SIGUSR1 stop it with a\n'
+        '      checkpoint and exit status 75; --continue-with-changes continues it with other arguments)\n'
         '  timm-gsop train --recipe paper-net2 --nproc-per-node 8 --batch-size 32 --data-dir /data/imagenet\n'
         '  timm-gsop validate --checkpoint output/train/RUN/model_best.pth.tar\n'
         '  timm-gsop benchmark --model gsop_resnet50 --device cpu --bench inference\n'
@@ -67,6 +70,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     own.add_argument('--node-rank', metavar='R', help="this node's rank, 0 .. N-1")
     own.add_argument('--rdzv-endpoint', metavar='HOST:PORT', help="rendezvous host:port (node 0's address)")
     own.add_argument('--rdzv-backend', metavar='NAME', help="torchrun's rendezvous backend (default: torchrun's, static)")
+    own.add_argument('--max-restarts', metavar='N', help="torchrun restarts the processes up to N times after a "
+                     'failure; each restart continues the run (needs --experiment)')
     own.add_argument('--dry-run', action='store_true', help='print the command and exit (fetches and writes nothing)')
     own.add_argument('--help-train', action='store_true', help="show train.py's own --help")
 
@@ -96,19 +101,22 @@ def torchrun_launch(opts: argparse.Namespace) -> List[str]:
     for option in ('--recipe', *TORCHRUN_OPTIONS):
         if _launcher_option(opts, option) == '':  # an empty value would read as "not given"
             raise LaunchError(f'{option} needs a value, got an empty one')
-    nproc, nnodes, rank, endpoint, backend = (_launcher_option(opts, o) for o in TORCHRUN_OPTIONS)
+    nproc, nnodes, rank, endpoint, backend, restarts = (_launcher_option(opts, o) for o in TORCHRUN_OPTIONS)
     for option, value in (('--nproc-per-node', nproc), ('--nnodes', nnodes)):
         if value is not None and not re.fullmatch('[1-9][0-9]*', value):
             raise LaunchError(f"{option} must be a positive integer, got '{value}'")
+    if restarts is not None and not re.fullmatch('[0-9]+', restarts):
+        raise LaunchError(f"--max-restarts must be an integer >= 0, got '{restarts}'")
     if backend is not None and backend not in RDZV_BACKENDS:
         raise LaunchError(f"--rdzv-backend must be one of {', '.join(RDZV_BACKENDS)} (torchrun's), got '{backend}'")
     if rank is not None and not (re.fullmatch('[0-9]+', rank) and nnodes and int(rank) < int(nnodes)):
         raise LaunchError(f"--node-rank must be 0 .. --nnodes - 1 ({nnodes or 'no --nnodes given'}), got '{rank}'")
     if nproc is None:
-        if any(v is not None for v in (nnodes, rank, endpoint, backend)):
-            raise LaunchError('--nnodes / --node-rank / --rdzv-* need --nproc-per-node')
+        if any(v is not None for v in (nnodes, rank, endpoint, backend, restarts)):
+            raise LaunchError('--nnodes / --node-rank / --rdzv-* / --max-restarts need --nproc-per-node')
         return [sys.executable]
     launch = [sys.executable, '-m', 'torch.distributed.run', '--nproc-per-node', nproc]
+    launch += ['--max-restarts', restarts] if restarts is not None else []
     if nnodes is None or nnodes == '1':
         if rank is not None or endpoint is not None:
             raise LaunchError('--node-rank / --rdzv-endpoint need --nnodes > 1')
@@ -150,13 +158,30 @@ def own_command() -> List[str]:
 
 
 def _run(cmd: List[str], env=None) -> int:
+    """Run ``cmd`` to its end. SIGTERM and SIGUSR1 sent to this process are passed on (to torchrun as SIGUSR1, which
+    it passes to its processes: its SIGTERM would also end their DataLoader workers); after one, a run that did not
+    finish exits with ``STOPPED``. Ctrl-C reaches the whole process group: the script stops on its own."""
     proc = subprocess.Popen(cmd, env=env)
-    while True:
-        try:
-            returncode = proc.wait()
-            return returncode if returncode >= 0 else 128 - returncode  # killed by a signal: as a shell says it
-        except KeyboardInterrupt:  # the script had the same Ctrl-C (one process group): let it stop on its own
-            continue
+    stops = []
+
+    def relay(signum, frame):
+        stops.append(signum)
+        proc.send_signal(signal.SIGUSR1 if 'torch.distributed.run' in cmd else signum)
+
+    previous = {s: signal.signal(s, relay) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        while True:
+            try:
+                returncode = proc.wait()
+                break
+            except KeyboardInterrupt:  # the script had the same Ctrl-C (one process group): let it stop on its own
+                continue
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if returncode < 0:
+        returncode = 128 - returncode  # killed by a signal: as a shell says it
+    return STOPPED if stops and returncode != 0 else returncode
 
 
 def _start(script: str, argv: List[str], nproc=None) -> dict:
@@ -168,6 +193,8 @@ def _start(script: str, argv: List[str], nproc=None) -> dict:
             raise LaunchError(f"--nproc-per-node {nproc} needs {nproc} GPUs on this node, found {gpus} (train.py's "
                               'distributed mode runs one process per GPU): drop --nproc-per-node to train in one process')
     env = dict(os.environ, **{SCRIPT_ENV[f'{script}.py']: find_script(f'{script}.py')})
+    if nproc is not None:  # torchrun passes SIGUSR1 on to its processes too (a stop with a checkpoint)
+        env.setdefault('TORCHELASTIC_SIGNALS_TO_HANDLE', 'SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1')
     check_args(f'{script}.py', argv)
     return env
 
@@ -204,6 +231,11 @@ def train(opts: argparse.Namespace, user_args: List[str]) -> int:
         print(shlex.join(cmd))
         return 0
     env = _start('train', argv, opts.nproc_per_node)
+    from .resume import continue_run  # refused or finished: before any process starts
+    processes = int(opts.nproc_per_node or 1) * int(opts.nnodes or 1)
+    if continue_run(env[SCRIPT_ENV['train.py']], argv, world_size=processes, check_only=True) is None:
+        report(argv)
+        return 0
     if demo_dir:
         from .demo_data import make_demo_dataset
         print(f'timm-gsop train: demo: writing/reusing the generated shapes dataset at {demo_dir}', file=sys.stderr)
@@ -229,15 +261,20 @@ def report(argv: List[str]) -> None:
     if not os.path.isfile(summary):
         print(f'timm-gsop train: no {summary}: nothing to report', file=sys.stderr)
         return
+    rows = []
     with open(summary, newline='') as f:
-        rows = [r for r in csv.DictReader(f) if r.get('eval_top1')]
+        for row in csv.DictReader(f):  # rows without a number (a header repeated, a line cut short) say nothing
+            try:
+                rows.append(dict(row, eval_top1=float(row.get('eval_top1'))))
+            except (TypeError, ValueError):
+                continue
     checkpoint = os.path.join(out, 'model_best.pth.tar')
     saved = os.path.isfile(checkpoint)
     print(f'\nCheckpoint: {checkpoint if saved else "(none saved)"}')
     if rows:
-        best = max(rows, key=lambda r: float(r['eval_top1']))
-        print(f'Validation top-1: {float(best["eval_top1"]):.2f}% (best, epoch {best["epoch"]}); '
-              f'last epoch {rows[-1]["epoch"]}: {float(rows[-1]["eval_top1"]):.2f}%')
+        best = max(rows, key=lambda r: r['eval_top1'])
+        print(f'Validation top-1: {best["eval_top1"]:.2f}% (best, epoch {best["epoch"]}); '
+              f'last epoch {rows[-1]["epoch"]}: {rows[-1]["eval_top1"]:.2f}%')
     print(f'Summary: {summary}')
     if saved:
         command = own_command()

@@ -30,12 +30,13 @@ from typing import List, Optional
 
 __all__ = [
     'TimmScriptNotFound', 'LaunchError', 'timm_git_ref', 'cache_dir', 'checkout_dir', 'find_script', 'run_defaults',
-    'check_args', 'run_script', 'option_given', 'option_value',
+    'check_args', 'run_script', 'option_given', 'option_value', 'STOPPED',
 ]
 
 TIMM_REPO_URL = 'https://github.com/huggingface/pytorch-image-models'
 SCRIPT_ENV = {'train.py': 'TIMM_TRAIN_PY', 'validate.py': 'TIMM_VALIDATE_PY', 'benchmark.py': 'TIMM_BENCHMARK_PY'}
 _CLONE_TIMEOUT = 600
+STOPPED = 75  # EX_TEMPFAIL (sysexits.h): train.py stopped on a signal after a checkpoint; the same command continues
 
 
 class TimmScriptNotFound(RuntimeError):
@@ -265,7 +266,8 @@ def check_args(name: str, argv: List[str]) -> None:
 
 
 def run_script(name: str, argv=None) -> None:
-    """Run timm's ``name`` as ``__main__`` with ``argv`` (default: this process's arguments)."""
+    """Run timm's ``name`` as ``__main__`` with ``argv`` (default: this process's arguments). train.py runs
+    continued where its run folder holds a checkpoint, and stops on a signal with a checkpoint (``resume``)."""
     import timm_gsop  # noqa: F401  registers the GSoP models in timm's registry
 
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -274,9 +276,31 @@ def run_script(name: str, argv=None) -> None:
         if name == 'validate.py':
             argv = run_defaults(argv) + argv
         check_args(name, argv)
+        if name == 'train.py':
+            from . import resume
+            sys.path.insert(0, os.path.dirname(path))  # train.py's parser is read before it runs
+            argv = resume.continue_run(path, argv)
+            if argv is None:
+                sys.exit(0)  # the run has finished
+            import timm.utils
+            timm.utils.CheckpointSaver = resume.RunSaver  # what train.py builds its saver from
+            resume.StopOnSignal.install()
     except (TimmScriptNotFound, LaunchError) as e:
         print(f'timm_gsop: {e}', file=sys.stderr)
         sys.exit(2)
     sys.argv = [path] + argv  # argparse shows the script's name
-    sys.path.insert(0, os.path.dirname(path))  # as `python train.py` would
-    runpy.run_path(path, run_name='__main__')
+    if sys.path[0] != os.path.dirname(path):
+        sys.path.insert(0, os.path.dirname(path))  # as `python train.py` would
+    if name != 'train.py':
+        runpy.run_path(path, run_name='__main__')
+        return
+    from .resume import Stopped, StopOnSignal
+    try:
+        runpy.run_path(path, run_name='__main__')
+    except BaseException as e:
+        if not isinstance(e, Stopped) and not StopOnSignal.save_after_failure():
+            raise
+        if os.environ.get('RANK', '0') == '0':
+            saved = StopOnSignal.saved or "none written at this stop: the last epoch's stands"
+            print(f'timm_gsop: stopped; checkpoint: {saved}. The same command continues the run', file=sys.stderr)
+        sys.exit(STOPPED)
