@@ -24,6 +24,18 @@ PY
 if [ "$version" != "$installed" ]; then
     export PYTHONPATH="$work/timm-$version${PYTHONPATH:+:$PYTHONPATH}"
 fi
+# The GSoP backbone tags are pretrained models to timm (list_models(pretrained=True)): its load tests fetch their
+# source ResNets from the Hub. Offline, a cache holds random ones under the same names: the load path is the real one.
+export HF_HUB_CACHE="$work/hub" HF_HUB_OFFLINE=1
+python - <<'PY'
+import os, safetensors.torch, timm, timm_gsop
+for name in {timm.get_pretrained_cfg(m).hf_hub_id for m in timm.list_pretrained('gsop*')}:
+    repo = os.path.join(os.environ['HF_HUB_CACHE'], 'models--' + name.replace('/', '--'))
+    os.makedirs(os.path.join(repo, 'snapshots', '0' * 40)); os.makedirs(os.path.join(repo, 'refs'))
+    open(os.path.join(repo, 'refs', 'main'), 'w').write('0' * 40)
+    model = timm.create_model(name.split('/')[1].split('.')[0])
+    safetensors.torch.save_file(model.state_dict(), os.path.join(repo, 'snapshots', '0' * 40, 'model.safetensors'))
+PY
 cd "$tests"
 python -c 'import timm; print("timm", timm.__version__, "from", timm.__file__)'
 python -m pytest -q -p no:cacheprovider -W ignore::pytest.PytestUnknownMarkWarning test_models.py -k gsop

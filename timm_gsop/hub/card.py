@@ -13,10 +13,10 @@ from timm.models._hub import generate_readme
 from timm.optim import get_optimizer_info
 
 from ..layers import GSoPPositionGate
-from ..models._checkpoint import inspect_state_dict
+from ..models._checkpoint import inspect_state_dict, is_backbone_cfg
 from .run import LoadedCheckpoint
 
-__all__ = ['model_card', 'measure', 'recipe', 'install_line', 'OFFICIAL_CODE_URL']
+__all__ = ['model_card', 'measure', 'recipe', 'install_line', 'warm_start', 'OFFICIAL_CODE_URL']
 
 OFFICIAL_CODE_URL = 'https://github.com/ZilinGao/Global-Second-order-Pooling-Convolutional-Networks'
 CITATION = """@inproceedings{gao2019global,
@@ -94,6 +94,27 @@ def install_line(install: Optional[str] = None) -> str:
     urls = [u.split(',', 1)[-1].strip() for u in dist.metadata.get_all('Project-URL') or []]
     url = next((u for u in urls + [dist.metadata.get('Home-page')] if u and u.startswith('https://')), None)
     return f'Install `timm` and the `timm-gsop` package from {url if url else "its source"}'
+
+
+def warm_start(args: Dict[str, Any], pretrained_cfg: Dict[str, Any]) -> Optional[str]:
+    """For a run that train.py warm-started (``--pretrained`` with a backbone tag): the source weights, their
+    licence and what they gave; None for any other run."""
+    if not (args.get('pretrained') and is_backbone_cfg(pretrained_cfg)):
+        return None
+    arch, hub_id, licence = pretrained_cfg.get('architecture') or '', pretrained_cfg.get('hf_hub_id'), \
+        pretrained_cfg.get('license')
+    net2 = arch.startswith('gsop2')  # its classifier follows the iSQRT-COV head: never the ResNet's
+    same_classes = args.get('num_classes') in (None, pretrained_cfg.get('num_classes'))
+    if args.get('pretrained_path') or not hub_id:  # a file in place of the tag's source: the run knows no more
+        source = 'a local file given to train.py (`--pretrained-path`: its origin and licence are not recorded)'
+    else:
+        source = f'[{hub_id}](https://huggingface.co/{hub_id}) (licence `{licence or "not recorded"}`)'
+    loaded = 'stem, stages and classifier' if same_classes and not net2 else 'stem and stages'
+    new = ['the GSoP blocks'] + (['the iSQRT-COV head'] if net2 else []) + \
+        ([] if same_classes and not net2 else ['the classifier'])
+    return (f'the weights of {source}, through the backbone tag `{arch}.{pretrained_cfg.get("tag")}`: its '
+            f'{loaded} started from them; {", ".join(new[:-1]) + " and " if len(new) > 1 else ""}{new[-1]} from the '
+            f"model's initialisation")
 
 
 def _fmt(value: Any) -> str:
@@ -175,8 +196,9 @@ def model_card(
         *, model: nn.Module, model_name: str, model_args: Dict[str, Any], checkpoint: LoadedCheckpoint,
         data_config: Dict[str, Any], measured_config: Dict[str, Any],
         label_names: Optional[Sequence[str]], dataset: Optional[str], title: str, repo_id: Optional[str] = None,
-        license: Optional[str] = None, install: Optional[str] = None) -> str:
-    """README.md text. ``data_config`` is the exported preprocessing, ``measured_config`` the run's."""
+        license: Optional[str] = None, install: Optional[str] = None, started_from: Optional[str] = None) -> str:
+    """README.md text. ``data_config`` is the exported preprocessing, ``measured_config`` the run's;
+    ``started_from``: what a warm-started run started from (``warm_start``)."""
     size = tuple(data_config['input_size'])
     macs, features = measure(model_name, model_args, size)
     weights = 'EMA weights' if 'ema' in checkpoint.source else 'weights'
@@ -203,6 +225,7 @@ def model_card(
         'Classes': classes,
         'Training data': dataset or 'not recorded',
         'Weights': weights,
+        **({'Started from': started_from} if started_from else {}),
         'License': f'`{license}`' if license else 'none given by the publisher',
         'Paper': '[Global Second-order Pooling Convolutional Networks](https://arxiv.org/abs/1811.12006) (CVPR 2019)',
         'Original code': OFFICIAL_CODE_URL,

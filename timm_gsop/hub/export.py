@@ -15,7 +15,7 @@ from huggingface_hub import HfApi
 from timm.data import resolve_data_config
 
 from ..models._checkpoint import CheckpointError, check_state_dict_fits, inspect_state_dict
-from .card import OFFICIAL_CODE_URL, model_card
+from .card import OFFICIAL_CODE_URL, model_card, warm_start
 from .folder import ALLOWED_FILES, MANIFEST, check_out_dir, staged_folder
 from .run import ExportError, LoadedCheckpoint, finite_number, read_checkpoint, report, run_label_names
 
@@ -46,7 +46,7 @@ def build_model_from_checkpoint(
     """(``timm.create_model(model_name, **kwargs)`` in eval mode with the checkpoint's weights, kwargs): what
     the weights decide (num_classes, attn_dim, attn_mode where they tell), the run's, then ``model_kwargs``."""
     names = sorted(timm.list_models('gsop*'))
-    if model_name not in names:
+    if model_name not in names + timm.list_pretrained('gsop*'):  # a backbone tag: its preprocessing is the run's
         raise ExportError(f'unknown model {model_name!r}; this exports GSoP-Net models: {", ".join(names)}')
     if checkpoint.arch and not checkpoint.official and checkpoint.arch != model_name:
         report(f'warning: the checkpoint was trained as {checkpoint.arch!r}, exporting as {model_name!r}')
@@ -193,9 +193,13 @@ def export_checkpoint(
     if not dataset and (data_dir or '/' in name):
         dataset = f'`{name}`' if '/' in name else f'the image folder `{Path(str(data_dir)).name}`'
 
-    # The weights' licence is the publisher's (none unless given), their origin the run (None: left out).
+    # The weights' licence is the publisher's (none unless given), their origin the run (None: left out); they
+    # are not a backbone tag's (which load only the backbone): the card says where the run started instead.
+    started_from = warm_start(ckpt.args, model.pretrained_cfg)
+    model_name = model.pretrained_cfg.get('architecture') or model_name
     model.pretrained_cfg = dict(
-        model.pretrained_cfg, license=license, origin_url=OFFICIAL_CODE_URL if ckpt.official else None)
+        model.pretrained_cfg, license=license, origin_url=OFFICIAL_CODE_URL if ckpt.official else None, tag=None,
+        notes=None)
     # attn_mode / attn_dim are written even where they are the defaults, so that the folder does not depend on them.
     export_args = {k: kwargs[k] for k in ('attn_mode', 'attn_dim') if k in kwargs}
     with staged_folder(out_dir, replaces) as tmp:
@@ -213,7 +217,7 @@ def export_checkpoint(
             model=model, model_name=model_name, model_args=json.loads((tmp / 'config.json').read_text())['model_args'],
             checkpoint=ckpt, data_config=data_config, measured_config=measured, label_names=label_names,
             dataset=dataset, title=repo_id.split('/')[-1] if repo_id else out_dir.name, repo_id=repo_id,
-            license=license, install=install)
+            license=license, install=install, started_from=started_from)
         (tmp / 'README.md').write_text(card, encoding='utf-8')
         _verify(model, tmp, data_config, label_names)
     return out_dir

@@ -53,6 +53,24 @@ RECIPES: Dict[str, Dict] = {
               '--smoothing', '0', '--bce-loss', '--bce-target-thresh', '0.2',
               '--drop-path', '0.05', '--model-ema', '--amp'],
     ),
+    # Fine-tuning a GSoP-Net warm-started from a timm ResNet (a backbone tag; --pretrained loads it). The
+    # optimiser, weight decay, batch and augmentation are the paper recipe's; the lr, 0.01 per 256 images, is
+    # the paper's after its first decay (epoch 30), where its run has a trained backbone as a warm start does;
+    # 30 epochs, the length of that phase, on one cosine. The warm-up ramps the lr while the new GSoP blocks are
+    # at their initialisation. Input size, crop, interpolation, mean and std are the tag's (the source ResNet's):
+    # none is set here. Not tuned: no ImageNet accuracy has been measured with these.
+    **{name: dict(
+        description=f'Fine-tune {net} warm-started from timm/resnet50.a1_in1k ({model}): SGD, lr 0.01 per 256 '
+                    f'images, cosine over 30 epochs, 2 warm-up epochs; preprocessing of the source ResNet.',
+        args=['--model', model, '--pretrained',
+              '--opt', 'sgd', '--momentum', '0.9', '--weight-decay', '1e-4',
+              '--lr-base', '0.01', '--lr-base-size', '256', '--lr-base-scale', 'linear',
+              '--batch-size', '256',
+              '--sched', 'cosine', '--epochs', '30', '--warmup-epochs', '2', '--warmup-lr', '1e-5',
+              '--min-lr', '0', '--cooldown-epochs', '0',
+              '--scale', '0.08', '1.0', '--hflip', '0.5', '--color-jitter', '0', '--smoothing', '0'],
+    ) for name, net, model in (('warm-net1', 'GSoP-Net1', 'gsop_resnet50.a1_in1k_backbone'),
+                               ('warm-net2', 'GSoP-Net2', 'gsop2_resnet50.a1_in1k_backbone'))},
     # CIFAR (the paper's CIFAR-100 setting). timm's train.py has no pad-and-crop transform; 'rkrr'
     # (random rescale, then random crop or reflect-pad) with this scale range shifts by up to ~4 px
     # at 32 px, the closest it has to "pad 4 + random 32 px crop".

@@ -212,7 +212,7 @@ def run_defaults(argv: List[str]) -> List[str]:
 def check_args(name: str, argv: List[str]) -> None:
     """Refuse, in one line before the script starts, what it would refuse later with a traceback (or not at all):
     a GSoP model name or keywords it cannot build; ``attn_mode=None``, which ``create_model`` drops (building the
-    default model); published weights, which GSoP models have none of; a checkpoint that is missing, unreadable
+    default model); published weights, which GSoP models have none of (a backbone tag loads a ResNet's); a checkpoint that is missing, unreadable
     or non-finite, or that does not fit the model the flags describe (saying which flags fit).
     """
     model_name = option_value(argv, '--model') or option_value(argv, '-m') or ''
@@ -223,8 +223,9 @@ def check_args(name: str, argv: List[str]) -> None:
     from timm.utils import ParseKwargs
     from ..models._base import check_attn_mode
     from ..models._checkpoint import (
-        CheckpointError, check_finite, check_state_dict_fits, load_checkpoint_file, state_dict_from_checkpoint)
-    if model_name not in timm.list_models('gsop*'):
+        CheckpointError, check_finite, check_state_dict_fits, is_backbone_cfg, load_checkpoint_file,
+        state_dict_from_checkpoint)
+    if model_name not in timm.list_models('gsop*', include_tags=True):  # a backbone tag too
         raise LaunchError(f'unknown model {model_name!r}; the GSoP-Net models: {", ".join(timm.list_models("gsop*"))}')
     parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     parser.add_argument('--num-classes', type=int)
@@ -244,8 +245,8 @@ def check_args(name: str, argv: List[str]) -> None:
     options = {'validate.py': ('--checkpoint',), 'train.py': ('--initial-checkpoint', '--resume')}.get(name, ())
     option, path = next(((o, p) for o in options if (p := option_value(argv, o))), ('', None))
     # validate.py asks for published weights without --checkpoint (or with --pretrained); train.py with --pretrained
-    if (option_given(argv, '--pretrained') and not option_value(argv, '--pretrained-path')) or (
-            name == 'validate.py' and not path):
+    if (option_given(argv, '--pretrained') and not option_value(argv, '--pretrained-path')
+            and not is_backbone_cfg(model.pretrained_cfg)) or (name == 'validate.py' and not path):
         use = '--checkpoint FILE' if name == 'validate.py' else '--pretrained-path FILE with --pretrained'
         raise LaunchError(f'no pretrained weights are published for {model_name}: give {use} '
                           f'(a checkpoint of train.py, or an official GSoP one)')

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from timm.layers import (
     DropPath, LayerType, create_classifier, get_device_dtype, register_notrace_function)
-from timm.models import build_model_with_cfg, checkpoint_seq, resolve_pretrained_cfg
+from timm.models import build_model_with_cfg, checkpoint_seq, list_pretrained, resolve_pretrained_cfg
 from timm.models._features import feature_take_indices
 
 from ..layers import GSoPAttn, IsqrtCovPool, resolve_attn_mode
@@ -430,17 +430,20 @@ class GSoPNet(nn.Module):
 
 def create_gsop_model(model_cls: Type[nn.Module], variant: str, pretrained: bool = False,
                       feature_cfg: Optional[Dict[str, Any]] = None, **kwargs) -> nn.Module:
-    """``build_model_with_cfg`` with the checkpoint filter. No weights are published: ``pretrained=True``
-    needs a file (``pretrained_cfg_overlay=dict(file=...)``) or a folder (``local-dir:``, ``hf-hub:``)."""
+    """``build_model_with_cfg`` with the checkpoint filter. No GSoP-Net weights are published: ``pretrained=True``
+    needs a file (``pretrained_cfg_overlay=dict(file=...)``), a folder (``local-dir:``, ``hf-hub:``) or a backbone
+    tag (``gsop_resnet50.a1_in1k_backbone``: a timm ResNet's weights in the backbone, the GSoP blocks new)."""
     cfg = None
     if pretrained:
         overlay = dict(kwargs.get('pretrained_cfg_overlay') or {})
         cfg = resolve_pretrained_cfg(variant, kwargs.get('pretrained_cfg'), overlay)
         if not (cfg.url or cfg.file or cfg.hf_hub_id or cfg.state_dict or cfg.source in ('hf-hub', 'local-dir')):
+            tags = list_pretrained(f'{variant}.*')
             raise RuntimeError(
                 f"No pretrained weights are published for {variant}: load a file with pretrained=True, "
                 f"pretrained_cfg_overlay=dict(file='PATH') (timm or official GSoP checkpoints) or checkpoint_path="
-                f"'PATH', or an exported folder with timm.create_model('local-dir:FOLDER', pretrained=True).")
+                f"'PATH', or an exported folder with timm.create_model('local-dir:FOLDER', pretrained=True)"
+                + (f"; or warm-start it from a timm ResNet's ImageNet weights: {', '.join(tags)}." if tags else '.'))
         if cfg.source not in ('hf-hub', 'local-dir') and 'num_classes' in kwargs and 'num_classes' not in overlay:
             # a file keeps a classifier of the requested classes (timm compares with the cfg's 1000)
             kwargs['pretrained_cfg_overlay'] = dict(overlay, num_classes=kwargs['num_classes'])

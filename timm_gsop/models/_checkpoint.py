@@ -1,7 +1,9 @@
 """Checkpoints of GSoP-Nets: reading a file, the official code's names, and the error that sets a checkpoint's
-architecture beside the model's. timm's pretrained loader ends in ``checkpoint_filter_fn``; it,
-``create_model(checkpoint_path=...)`` and train.py end in ``GSoPNet.load_state_dict``."""
+architecture beside the model's. timm's pretrained loader ends in ``checkpoint_filter_fn`` (which also warm-starts
+a GSoP-Net from a timm ResNet for the backbone tags); it, ``create_model(checkpoint_path=...)`` and train.py end
+in ``GSoPNet.load_state_dict``."""
 import argparse
+import logging
 import os
 import re
 import shlex
@@ -15,7 +17,14 @@ from timm.models import clean_state_dict
 
 __all__ = ['CheckpointError', 'StateDictArch', 'inspect_state_dict', 'check_finite', 'check_state_dict_fits',
            'load_checkpoint_file', 'state_dict_from_checkpoint', 'checkpoint_filter_fn',
-           'convert_official_state_dict', 'is_official_state_dict']
+           'convert_official_state_dict', 'is_official_state_dict', 'BACKBONE_TAG_SUFFIX', 'is_backbone_cfg']
+
+_logger = logging.getLogger(__name__)
+
+#: Pretrained tags ending so (``gsop_resnet50.a1_in1k_backbone``) load a timm ResNet's weights into the backbone.
+BACKBONE_TAG_SUFFIX = '_backbone'
+# What a GSoP-Net has and a ResNet has not: the GSoP blocks and GSoP-Net2's iSQRT-COV pool.
+_GSOP_ONLY = re.compile(r'layer\d+\.\d+\.attn\.|global_pool\.')
 
 
 class CheckpointError(ValueError, RuntimeError):
@@ -188,6 +197,31 @@ def _call(name: str, kwargs: Dict[str, Any], cli: bool, path: Optional[str] = No
 _VARIANT_LAYERS = {(3, 4, 6, 3): 'resnet50', (3, 4, 23, 3): 'resnet101', (18, 18, 18): 'resnet164_cifar'}
 
 
+def is_backbone_cfg(pretrained_cfg: Optional[Mapping[str, Any]]) -> bool:
+    """Whether a model's pretrained cfg is a backbone tag's: its weights are a timm ResNet's, loaded into the backbone."""
+    return str((pretrained_cfg or {}).get('tag') or '').endswith(BACKBONE_TAG_SUFFIX)
+
+
+def _backbone_advice(ckpt: StateDictArch, model: StateDictArch, model_name: str) -> str:
+    """What a backbone tag loads, and which GSoP-Net fits the ResNet checkpoint it was given."""
+    from timm.models import list_pretrained  # the registry: not needed at import
+    arch = model_name.split('.')[0]
+    if not ckpt.layers:
+        return ('It is not a ResNet checkpoint (no layer1.* keys): a backbone tag loads the weights of a timm '
+                'ResNet (resnet50, resnet101) into the GSoP-Net of its depth.')
+    if 'none' not in ckpt.attn_modes or ckpt.isqrt_head:
+        return (f"It holds GSoP blocks: it is a GSoP-Net's checkpoint, not a ResNet's. Load it whole with the "
+                f"untagged name: timm.create_model({arch!r}, pretrained=True, pretrained_cfg_overlay=dict(file=...)).")
+    if ckpt.layers != model.layers:
+        variant = _VARIANT_LAYERS.get(ckpt.layers)
+        tags = list_pretrained(f'{arch.split("_")[0]}_{variant}.*{BACKBONE_TAG_SUFFIX}') if variant else []
+        return (f'Its backbone is a ResNet with layers={ckpt.layers}, the model\'s {model.layers}: warm-start the '
+                f'GSoP-Net of its depth ({", ".join(tags)}).' if tags else
+                f'Its backbone is a ResNet with layers={ckpt.layers}: no GSoP-Net has that depth.')
+    return ("Its parameters differ from the backbone's as listed below: a backbone tag loads a plain timm ResNet "
+            "(7x7 stem, no attention) of the model's depth.")
+
+
 def _how_to_fit(ckpt: StateDictArch, model: StateDictArch, model_name: str, check_classifier: bool, cli: bool,
                 path: Optional[str]) -> str:
     """What to pass to create the model the checkpoint was trained as (and to fine-tune it on other classes)."""
@@ -224,29 +258,34 @@ def _how_to_fit(ckpt: StateDictArch, model: StateDictArch, model_name: str, chec
 
 def check_state_dict_fits(state_dict: Mapping[str, Any], model: nn.Module, check_classifier: bool = True,
                           model_name: Optional[str] = None, cli: bool = False, path: Optional[str] = None,
-                          ignore: Sequence[str] = ()) -> None:
+                          ignore: Sequence[str] = (), backbone: bool = False) -> None:
     """Raise a CheckpointError when ``state_dict`` does not load strictly into ``model`` (but ``ignore`` and,
     without ``check_classifier``, ``fc.*``), saying what to pass: create_model keywords or, with ``cli``,
     train.py/validate.py/export flags; for other classes also how to fine-tune (from the file ``path``,
-    which a command line names only where it starts a new run)."""
+    which a command line names only where it starts a new run). ``backbone``: the state dict is a timm
+    ResNet's for a backbone tag, which has no GSoP tensors and must fit all others."""
     target = model.state_dict()
-    skip = tuple(ignore) + (() if check_classifier else ('fc.weight', 'fc.bias'))
+    skip = set(ignore) | (set() if check_classifier else {'fc.weight', 'fc.bias'})
+    new = {k for k in target if _GSOP_ONLY.match(k)} if backbone else set()  # a ResNet has none of them
     # PyTorch 0.4 checkpoints have no BN step counters; they do not change outputs and torch fills them in.
-    missing = [k for k in target if k not in state_dict and k not in skip and not k.endswith('num_batches_tracked')]
-    unexpected = [k for k in state_dict if k not in target and k not in skip]
+    missing = [k for k in target if k not in state_dict and k not in skip | new
+               and not k.endswith('num_batches_tracked')]
+    unexpected = [k for k in state_dict if (k not in target or k in new) and k not in skip]
     mismatched = [f'{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(target[k].shape)}'
-                  for k in target if k in state_dict and k not in skip and state_dict[k].shape != target[k].shape]
+                  for k in target if k in state_dict and k not in skip | new and state_dict[k].shape != target[k].shape]
     if not (missing or unexpected or mismatched):
         return
     ckpt, ours = inspect_state_dict(state_dict), inspect_state_dict(target)
     if getattr(model, 'attn_mode', None) in ours.attn_modes:  # fusion_avg / fusion_max: the model knows which
         ours = replace(ours, attn_modes=(model.attn_mode,), attn_mode=model.attn_mode)
     name = model_name or (getattr(model, 'pretrained_cfg', None) or {}).get('architecture') or type(model).__name__
+    advice = _backbone_advice(ckpt, ours, name) if backbone else \
+        _how_to_fit(ckpt, ours, name, check_classifier, cli, path)
     raise CheckpointError(
         f'The checkpoint does not fit this {name} model.\n'
         f'  checkpoint: {ckpt.describe()}\n'
         f'  model:      {ours.describe()}\n'
-        f'{_how_to_fit(ckpt, ours, name, check_classifier, cli, path)}\n'
+        f'{advice}\n'
         f'  missing keys ({len(missing)}): {_show(missing)}\n'
         f'  unexpected keys ({len(unexpected)}): {_show(unexpected)}\n'
         f'  shape mismatches ({len(mismatched)}): {_show(mismatched)}')
@@ -254,12 +293,29 @@ def check_state_dict_fits(state_dict: Mapping[str, Any], model: nn.Module, check
 
 def checkpoint_filter_fn(state_dict: Dict[str, Any], model: nn.Module) -> Dict[str, Tensor]:
     """timm's pretrained filter: a timm or official GSoP checkpoint in the model's names, its fit checked.
-    A classifier of other classes than the model's is replaced by the model's new one (fine-tuning)."""
+    A classifier of other classes than the model's is replaced by the model's new one (fine-tuning).
+
+    For a backbone tag (``gsop_resnet50.a1_in1k_backbone``) the checkpoint is a timm ResNet's: it must fit
+    everything but the GSoP blocks (and GSoP-Net2's iSQRT-COV pool), which keep the model's own tensors, as
+    a new classifier does; a warning line says what was loaded and what was not."""
     _, state_dict = state_dict_from_checkpoint(state_dict)
     own = model.state_dict()
+    cfg = getattr(model, 'pretrained_cfg', None) or {}
+    backbone = is_backbone_cfg(cfg)
     adapted = getattr(model, 'in_chans', 3) != 3  # timm adapts a stem of other input channels after this filter
-    check_state_dict_fits(state_dict, model, check_classifier=False, ignore=('conv1.weight',) if adapted else ())
+    check_state_dict_fits(state_dict, model, check_classifier=False, ignore=('conv1.weight',) if adapted else (),
+                          backbone=backbone)
     if any(k not in own or v.shape != own[k].shape for k, v in state_dict.items() if k.startswith('fc.')):
         state_dict = dict({k: v for k, v in state_dict.items() if not k.startswith('fc.')},
                           **{k: v for k, v in own.items() if k.startswith('fc.')})
+    if backbone:
+        new = [k for k in own if _GSOP_ONLY.match(k)]
+        state_dict = dict(state_dict, **{k: own[k] for k in new})
+        fc = [k for k in own if k.startswith('fc.')]
+        new_fc = [k for k in fc if state_dict[k] is own[k]]  # replaced above: other classes, or GSoP-Net2's head
+        source = cfg.get('file') or cfg.get('hf_hub_id') or cfg.get('url') or 'the given state dict'
+        _logger.warning(
+            f'{cfg.get("architecture")}.{cfg.get("tag")}: loaded {len(own) - len(new) - len(new_fc)} tensors of '
+            f'{source} (stem, stages{", classifier" if fc and not new_fc else ""}); the model\'s own '
+            f'initialisation: {len(new)} GSoP tensors{f", the classifier ({len(new_fc)})" if new_fc else ""}')
     return state_dict

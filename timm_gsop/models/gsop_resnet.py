@@ -16,10 +16,11 @@ from torch import Tensor, nn
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import LayerType, get_act_layer, get_norm_layer
-from timm.models import generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, get_pretrained_cfg, register_model
 from timm.models.resnet import downsample_conv
 
 from ._base import GSoPBottleneckBase, GSoPNet, create_gsop_model, make_blocks, resolve_layer
+from ._checkpoint import BACKBONE_TAG_SUFFIX
 
 __all__ = ['GSoPResNet', 'GSoPBottleneck']
 
@@ -182,13 +183,31 @@ def _cfg(url: str = '', **kwargs) -> Dict[str, Any]:
     }
 
 
-# No weights are published yet: the tags name architectures only (no url / hf_hub_id).
+def _backbone_cfg(source: str) -> Dict[str, Any]:
+    """A warm-start tag: the weights and preprocessing of timm's ResNet ``source`` ('resnet50.a1_in1k').
+    Its backbone (and GSoP-Net1's classifier) load, the GSoP blocks keep the model's initialisation
+    (``checkpoint_filter_fn``). The registry has the source's cfg: ``import timm`` registers its ResNets."""
+    src = get_pretrained_cfg(source)
+    size = src.input_size
+    return _cfg(
+        hf_hub_id=src.hf_hub_id, url=src.url, license=src.license,
+        input_size=size, pool_size=(size[1] // 16, size[2] // 16),  # output stride 16: the stride-1 last stage
+        test_input_size=src.test_input_size, crop_pct=src.crop_pct, test_crop_pct=src.test_crop_pct,
+        crop_mode=src.crop_mode, interpolation=src.interpolation, mean=src.mean, std=src.std,
+        notes=(f'backbone pretrained: the weights of timm {source} ({src.hf_hub_id}); GSoP blocks untrained',))
+
+
+# No GSoP-Net weights are published: the untagged names are architectures only, and the *_backbone tags
+# warm-start one from the ImageNet weights of a timm ResNet of the same depth.
+_SOURCES = {'resnet50': ('a1_in1k', 'tv2_in1k'), 'resnet101': ('a1h_in1k',)}
 default_cfgs = generate_default_cfgs({
-    'gsop_resnet50': _cfg(),
-    'gsop_resnet101': _cfg(),
-    'gsop2_resnet50': _cfg(),
-    'gsop2_resnet101': _cfg(),
+    **{name: _cfg() for name in ('gsop_resnet50', 'gsop_resnet101', 'gsop2_resnet50', 'gsop2_resnet101')},
+    **{f'{net}_{depth}.{tag}{BACKBONE_TAG_SUFFIX}': _backbone_cfg(f'{depth}.{tag}')
+       for net in ('gsop', 'gsop2') for depth, tags in _SOURCES.items() for tag in tags},
 })
+for _default in default_cfgs.values():  # timm makes the first tag with weights the default: keep the untagged
+    _default.tags.remove('')           # one, so that a partial load happens only where a backbone tag is named
+    _default.tags.appendleft('')
 
 _NET1 = dict(attn_stages=(True, True, True, True), global_pool='avg')  # a GSoP block in every stage
 _NET2 = dict(attn_stages=(True, True, True, False), global_pool='isqrt')  # the head replaces stage 4's
