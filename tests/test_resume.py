@@ -198,10 +198,17 @@ def test_torchrun_restarts_continue_the_run(tmp_path, reference):
     _check_run(tmp_path / 'R', reference, epochs=5, hist=2)
 
 
-def _finished_run(tmp_path):
-    cmd = _stub_cmd(tmp_path, '--epochs', '2')
-    subprocess.run(cmd, env=_env(), check=True, capture_output=True)
-    return cmd, tmp_path / 'R'
+@pytest.fixture(scope='module')
+def finished(tmp_path_factory):
+    """A run of 2 epochs that has finished: each test gets a copy (``_finished_run``)."""
+    out = tmp_path_factory.mktemp('finished')
+    subprocess.run(_stub_cmd(out, '--epochs', '2'), env=_env(), check=True, capture_output=True)
+    return out / 'R'
+
+
+def _finished_run(tmp_path, finished):
+    shutil.copytree(finished, tmp_path / 'R')
+    return _stub_cmd(tmp_path, '--epochs', '2'), tmp_path / 'R'
 
 
 @pytest.mark.parametrize('change, option', [
@@ -209,8 +216,8 @@ def _finished_run(tmp_path):
     (['--model', 'test_efficientnet'], '--model test_efficientnet (the run: test_resnet)'),
     (['--data-dir', 'other'], '--data-dir other (the run: synthetic)'),
 ])
-def test_another_runs_arguments_are_refused(tmp_path, change, option):
-    cmd, run_dir = _finished_run(tmp_path)
+def test_another_runs_arguments_are_refused(tmp_path, change, option, finished):
+    cmd, run_dir = _finished_run(tmp_path, finished)
     before = _folder_state(run_dir)
     proc = subprocess.run(cmd + change, env=_env(), capture_output=True, text=True)
     assert proc.returncode == 2
@@ -220,16 +227,16 @@ def test_another_runs_arguments_are_refused(tmp_path, change, option):
     assert _folder_state(run_dir) == before
 
 
-def test_finished_run_exits_0_without_writing(tmp_path):
-    cmd, run_dir = _finished_run(tmp_path)
+def test_finished_run_exits_0_without_writing(tmp_path, finished):
+    cmd, run_dir = _finished_run(tmp_path, finished)
     before = _folder_state(run_dir)
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True)
     assert proc.returncode == 0 and 'has finished: epoch 1 was the last of its 2' in proc.stderr
     assert _folder_state(run_dir) == before
 
 
-def test_more_epochs_continue_with_changes(tmp_path):
-    cmd, run_dir = _finished_run(tmp_path)
+def test_more_epochs_continue_with_changes(tmp_path, finished):
+    cmd, run_dir = _finished_run(tmp_path, finished)
     proc = subprocess.run(cmd + ['--epochs', '3'], env=_env(), capture_output=True, text=True)
     assert proc.returncode == 2 and '--epochs 3 (the run: 2)' in proc.stderr
     proc = subprocess.run(cmd + ['--epochs', '3', '--continue-with-changes'], env=_env(), capture_output=True,
@@ -239,8 +246,8 @@ def test_more_epochs_continue_with_changes(tmp_path):
     assert [int(r['epoch']) for r in _summary(run_dir)] == [0, 1, 2]
 
 
-def test_unreadable_checkpoint_is_skipped_never_deleted(tmp_path):
-    cmd, run_dir = _finished_run(tmp_path)
+def test_unreadable_checkpoint_is_skipped_never_deleted(tmp_path, finished):
+    cmd, run_dir = _finished_run(tmp_path, finished)
     last = run_dir / 'last.pth.tar'
     data = last.read_bytes()
     last.unlink()  # a hard link of checkpoint-1: write a new file
@@ -253,8 +260,8 @@ def test_unreadable_checkpoint_is_skipped_never_deleted(tmp_path):
     assert last.read_bytes() == data[:len(data) // 2]
 
 
-def test_a_start_without_checkpoint_starts_afresh(tmp_path):
-    cmd, run_dir = _finished_run(tmp_path)
+def test_a_start_without_checkpoint_starts_afresh(tmp_path, finished):
+    cmd, run_dir = _finished_run(tmp_path, finished)
     for path in run_dir.glob('*.pth.tar'):
         path.unlink()
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True)
@@ -278,13 +285,13 @@ def test_full_disk_keeps_the_last_checkpoint(tmp_path):
         mount -o remount,size=64m {tmp_path}
         {sys.executable} -m timm_gsop.train {" ".join(_stub_cmd(tmp_path, "--checkpoint-hist", "3")[3:])} > {tmp_path}/log2 2>&1
         echo "second=$?"
-        grep -h "continuing\\|No space" {tmp_path}/log1 {tmp_path}/log2 | cut -c1-200
+        grep -h "continuing\\|could not write" {tmp_path}/log1 {tmp_path}/log2 | cut -c1-300
         tail -n +2 {tmp_path}/R/summary.csv | cut -d, -f1 | tr '\\n' ' '
     '''
     proc = subprocess.run(['unshare', '-Urm', 'bash', '-c', script], env=_env(), capture_output=True, text=True,
                           timeout=300)
     out = proc.stdout
-    assert 'first=1' in out and 'No space left on device' in out, out + proc.stderr
+    assert 'first=1' in out and 'could not write' in out and 'MiB free on its file system' in out, out + proc.stderr
     assert '.partial' not in out
     assert 'last (2, 0)' in out  # epochs 0 and 1 were saved; epoch 2's save found no room
     assert 'second=0' in out and 'continuing' in out and out.rstrip().endswith('0 1 2 3 4'), out
@@ -311,7 +318,7 @@ def test_saver_files_are_replaced_atomically(tmp_path, monkeypatch):
         Path(path).write_bytes(b'PK\x03\x04 half a zip')
         raise OSError(28, 'No space left on device')
     monkeypatch.setattr(torch, 'save', fail_mid_write)
-    with pytest.raises(OSError, match='No space'):
+    with pytest.raises(RuntimeError, match='could not write .*tmp.pth.tar .*No space left on device.*unchanged'):
         saver.save_checkpoint(1, metric=2.0)
     assert (tmp_path / 'last.pth.tar').read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ['checkpoint-0.pth.tar', 'last.pth.tar', 'model_best.pth.tar']
@@ -400,3 +407,22 @@ def test_cuda_processes_stop_at_one_step(tmp_path, nproc):
     again = subprocess.run(cmd, env=_env(_real_train_py()), capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and 'continuing' in again.stderr, again.stderr[-3000:]
     assert [int(r['epoch']) for r in _summary(tmp_path / 'R')] == [0, 1, 2]
+
+
+def test_stop_checkpoint_progress(tmp_path):
+    """A stop's last.pth.tar starts its epoch again; the epoch end after it (several processes finish the update
+    they agreed on, then the epoch) is a plain end-of-epoch checkpoint again."""
+    from timm_gsop.launcher.resume import StopOnSignal
+    model = torch.nn.Linear(4, 2)
+    saver = RunSaver(model, torch.optim.SGD(model.parameters(), lr=0.1), checkpoint_dir=str(tmp_path), max_history=2)
+    saver.save_checkpoint(0, metric=1.0)
+    saver.save_recovery(1, batch_idx=4)
+    try:
+        assert saver.save_stop() == str(tmp_path / 'last.pth.tar')
+    finally:
+        StopOnSignal.saved = None
+    (epoch, updates), meta = checkpoint_progress(str(tmp_path / 'last.pth.tar'))
+    assert (epoch, updates, meta['epoch']) == (1, 5, 0)
+    assert checkpoint_progress(str(tmp_path / 'model_best.pth.tar'))[0] == (1, 0)  # its own file still
+    saver.save_checkpoint(1, metric=0.5)
+    assert checkpoint_progress(str(tmp_path / 'last.pth.tar'))[0] == (2, 0)

@@ -125,6 +125,8 @@ def main():
             num_updates = epoch * updates_per_epoch
             losses = []
             for update_idx, (x, y) in enumerate(data):
+                if args.step_delay:
+                    time.sleep(args.step_delay)
                 loss = F.cross_entropy(model(x), y)
                 loss.backward()
                 optimizer.step()
@@ -133,8 +135,6 @@ def main():
                 optimizer.zero_grad()
                 if model_ema is not None:
                     model_ema.update(model, step=num_updates)
-                if args.step_delay:
-                    time.sleep(args.step_delay)
                 if update_idx % args.log_interval == 0:
                     print(f'Train: {epoch} [{update_idx}/{updates_per_epoch}] loss {loss.item():.3f}', flush=True)
                 if saver is not None and args.recovery_interval and (update_idx + 1) % args.recovery_interval == 0:

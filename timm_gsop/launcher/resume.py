@@ -28,6 +28,7 @@ import csv
 import glob
 import os
 import re
+import shutil
 import signal
 import sys
 from typing import List, Optional, Tuple
@@ -287,7 +288,7 @@ class RunSaver(CheckpointSaver):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.position: Optional[Tuple[int, int]] = None  # (epoch, updates done in it)
-        self.stopped_at: Optional[Tuple[int, int]] = None
+        self.stopped_at: Optional[Tuple[int, int]] = None  # while a stop's checkpoint is written
         self.user_recovery_interval = getattr(self.args, 'recovery_interval', 0) if self.args else 0
         if self.args is not None:
             self.args.recovery_interval = 1  # train.py reports every update to save_recovery
@@ -309,9 +310,15 @@ class RunSaver(CheckpointSaver):
             with open(partial, 'rb') as f:
                 os.fsync(f.fileno())
             os.replace(partial, save_path)
-        except BaseException:
+        except BaseException as e:
             if os.path.exists(partial):
                 os.unlink(partial)
+            if isinstance(e, (OSError, RuntimeError)):  # torch's zip writer says "unexpected pos" for a full disk
+                free = shutil.disk_usage(self.checkpoint_dir).free
+                raise RuntimeError(
+                    f'could not write {save_path} ({free / 2 ** 20:.0f} MiB free on its file system): '
+                    f'{str(e).splitlines()[0] if str(e) else type(e).__name__}. The files already in '
+                    f'{self.checkpoint_dir} are unchanged, and the same command continues from them') from e
             raise
         finally:
             if self.args is not None:
@@ -323,13 +330,14 @@ class RunSaver(CheckpointSaver):
             _fsync_dir(dst)
 
     def _duplicate(self, src, dst):
+        if os.path.exists(dst) and os.path.samefile(src, dst):
+            return  # already the same file (a rename between two links of one file would do nothing)
         partial = dst + PARTIAL
         if os.path.exists(partial):
             os.unlink(partial)
         try:
             os.link(src, partial)
         except OSError:
-            import shutil
             shutil.copy2(src, partial)
         os.replace(partial, dst)
         _fsync_dir(dst)
@@ -378,7 +386,7 @@ class RunSaver(CheckpointSaver):
     def save_recovery(self, epoch, batch_idx=0):
         self.position = (epoch, batch_idx + 1)
         StopOnSignal.in_update = False
-        if StopOnSignal.agreed and self.stopped_at is None:
+        if StopOnSignal.agreed and StopOnSignal.saved is None:
             self.save_stop()
         if self.user_recovery_interval and (batch_idx + 1) % self.user_recovery_interval == 0:
             super().save_recovery(epoch, batch_idx)
@@ -386,12 +394,14 @@ class RunSaver(CheckpointSaver):
     def save_stop(self) -> str:
         """``last.pth.tar`` now, with the epoch before the current one as its epoch: train.py starts the current
         epoch again, from these weights."""
-        epoch, updates = self.position
-        self.stopped_at = (epoch, updates)
         tmp = os.path.join(self.checkpoint_dir, 'tmp' + self.extension)
         last = os.path.join(self.checkpoint_dir, 'last' + self.extension)
-        self._save(tmp, epoch - 1)
-        self._replace(tmp, last)
+        self.stopped_at = self.position  # what state_dict() records, in this file only
+        try:
+            self._save(tmp, self.position[0] - 1)
+            self._replace(tmp, last)
+        finally:
+            self.stopped_at = None
         StopOnSignal.saved = last
         return last
 
@@ -421,9 +431,13 @@ class StopOnSignal:
             return
         if signum == signal.SIGINT and cls.requested == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C: stop now
-        if cls.requested is None:
+        first, cls.requested = cls.requested is None, signum  # set first: a second signal may come during the print
+        if first:
             _say(f'{signal.Signals(signum).name}: saving a checkpoint at the next optimizer step, then stopping')
-        cls.requested = signum
+            # A signal to the whole process group also ends the DataLoader's workers (PyTorch's handler in them). Its
+            # SIGCHLD handler would raise at whatever this process does, an update half done included; without it,
+            # the loader raises at the next batch, between updates, where the last finished one is saved.
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
 
     @classmethod
     def _after_step(cls, optimizer, args, kwargs):
@@ -447,10 +461,9 @@ class StopOnSignal:
     @classmethod
     def save_after_failure(cls) -> Optional[str]:
         """After a stop signal that also reached the DataLoader workers (a signal to the whole process group:
-        torchrun's, SLURM's), they die and train.py fails: save the last finished update still, if no update
-        was under way."""
+        torchrun's SIGTERM, SLURM's), they end and train.py fails at its next batch: save the last finished update
+        still, unless one was under way."""
         saver = cls.saver
         if cls.requested is None or saver is None or cls.saved or cls.in_update or not (saver.position or (0, 0))[1]:
             return None
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the other workers' ends raise no more
         return saver.save_stop()

@@ -299,8 +299,10 @@ def run_script(name: str, argv=None) -> None:
     try:
         runpy.run_path(path, run_name='__main__')
     except BaseException as e:
-        if not isinstance(e, Stopped) and not StopOnSignal.save_after_failure():
+        if StopOnSignal.requested is None:
             raise
+        if not isinstance(e, Stopped):  # the signal also ended the DataLoader's workers: train.py failed
+            StopOnSignal.save_after_failure()
         if os.environ.get('RANK', '0') == '0':
             saved = StopOnSignal.saved or "none written at this stop: the last epoch's stands"
             print(f'timm_gsop: stopped; checkpoint: {saved}. The same command continues the run', file=sys.stderr)
