@@ -147,6 +147,13 @@ def test_torchrun_single_node(tmp_path):
     launcher = cmd[i + 2:cmd.index('timm_gsop.train') - 1]
     assert launcher == ['--nproc-per-node', '8', '--standalone']
     assert train_args(cmd)[-4:] == ['--data-dir', str(tmp_path), '--batch-size', '32']
+    cmd = dry_run('--nproc-per-node', '8', '--max-restarts', '3', '--data-dir', str(tmp_path))
+    assert cmd[cmd.index('torch.distributed.run') + 1:cmd.index('timm_gsop.train') - 1] == [
+        '--nproc-per-node', '8', '--max-restarts', '3', '--standalone']
+    for bad, message in ((['--nproc-per-node', '8', '--max-restarts', 'x'], '--max-restarts must be an integer'),
+                         (['--max-restarts', '3'], 'need --nproc-per-node')):
+        proc = run_cli('train', '--dry-run', *bad, '--data-dir', str(tmp_path))
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
 
 
 def test_torchrun_multi_node(tmp_path):

@@ -204,6 +204,8 @@ def continue_run(script: str, argv: List[str], world_size: Optional[int] = None,
     sys.argv = [script] + argv
     try:  # train.py's own parser (its module code defines it; main() does not run), --config files included
         train_py = runpy.run_path(script, run_name='timm_gsop_train_args')
+        if '_parse_args' not in train_py or 'parser' not in train_py:
+            return argv  # not timm's train.py (a script of one's own): it runs as it is
         args, args_text = train_py['_parse_args']()
     finally:
         sys.argv = saved_argv
@@ -351,9 +353,9 @@ class RunSaver(CheckpointSaver):
 
     # --- continuing the bookkeeping
     def load_state_dict_from_checkpoint(self, checkpoint_path):
-        if self._restored == checkpoint_path:  # a train.py that restores it too
+        if self._restored == os.path.abspath(checkpoint_path):  # a train.py that restores it too
             return True
-        self._restored = checkpoint_path
+        self._restored = os.path.abspath(checkpoint_path)
         try:
             meta = load_checkpoint_metadata(checkpoint_path)
         except Exception:
