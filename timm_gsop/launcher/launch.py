@@ -133,7 +133,7 @@ def torchrun_launch(opts: argparse.Namespace) -> List[str]:
 
 def demo_args(data_dir: str, device: str) -> List[str]:
     # A reduced-depth GSoP-Net1 (one bottleneck per stage, a GSoP block in each) at 64 px, 600 training images:
-    # about a minute on 2 CPU cores, far above chance (10 %) on the 10 shapes.
+    # about 100 s on 2 CPU cores, far above chance (10 %) on the 10 shapes.
     return [
         '--data-dir', data_dir, '--model', 'gsop_resnet50', '--model-kwargs', 'layers=(1,1,1,1)', '--num-classes', '10',
         '--img-size', '64', '--crop-pct', '1.0', '--scale', '0.5', '1', '--color-jitter', '0', '--smoothing', '0.1',

@@ -37,7 +37,7 @@ import torch
 from timm.utils import CheckpointSaver, load_checkpoint_metadata
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
-from .timm_scripts import STOPPED, LaunchError
+from .timm_scripts import STOPPED, LaunchError, option_given, option_value
 
 __all__ = ['STOPPED', 'CONTINUE_WITH_CHANGES', 'Stopped', 'RunSaver', 'StopOnSignal', 'continue_run',
            'newest_checkpoint', 'checkpoint_progress', 'trim_summary']
@@ -200,6 +200,10 @@ def continue_run(script: str, argv: List[str], world_size: Optional[int] = None,
 
     accept_changes = CONTINUE_WITH_CHANGES in argv
     argv = [a for a in argv if a != CONTINUE_WITH_CHANGES]
+    experiment = option_value(argv, '--experiment')
+    if not any(option_given(argv, o) for o in ('--config', '-c', '--resume')) and not (experiment and os.path.isdir(
+            os.path.join(option_value(argv, '--output') or os.path.join('.', 'output', 'train'), experiment))):
+        return argv  # no run folder to continue (what train.py would parse is all on the command line)
     saved_argv = sys.argv
     sys.argv = [script] + argv
     try:  # train.py's own parser (its module code defines it; main() does not run), --config files included
