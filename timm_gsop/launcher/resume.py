@@ -59,13 +59,13 @@ class Stopped(BaseException):
     """Raised at the optimizer step after a stop signal; ``python -m timm_gsop.train`` exits with ``STOPPED``."""
 
 
-def _say(message: str) -> None:
-    if os.environ.get('RANK', '0') == '0':  # one line per run, not per process
-        print(f'timm_gsop: {message}', file=sys.stderr, flush=True)
-
-
 def _is_primary() -> bool:
     return os.environ.get('RANK', '0') == '0'
+
+
+def _say(message: str) -> None:
+    if _is_primary():  # one line per run, not per process
+        print(f'timm_gsop: {message}', file=sys.stderr, flush=True)
 
 
 def _fsync_dir(path: str) -> None:
@@ -367,19 +367,18 @@ class RunSaver(CheckpointSaver):
         state = dict(meta.get('saver') or {})
         if not state:
             return False
-        epoch, metric = state.pop('pending', (None, None))
-        self.load_state_dict(state)
-        if epoch is not None:
-            if os.path.basename(checkpoint_path) == 'last.pth.tar':
-                # The epoch end that wrote this file: its ranked copy and model_best, done again from it in case a
-                # kill came between its files (done already, it gives the same files and history).
-                self._bookkeeping_only = True
-                try:
-                    super().save_checkpoint(epoch, metric)
-                finally:
-                    self._bookkeeping_only = False
-            else:
-                self.load_state_dict(dict(state, pending=(epoch, metric)))
+        epoch, metric = state.get('pending', (None, None))
+        if epoch is None or os.path.basename(checkpoint_path) != 'last.pth.tar':
+            self.load_state_dict(state)
+            return True
+        # The epoch end that wrote last.pth.tar: its ranked copy and model_best, done again from it in case a kill
+        # came between its files (done already, it gives the same files and history).
+        self.load_state_dict(dict(state, pending=(None, None)))
+        self._bookkeeping_only = True
+        try:
+            super().save_checkpoint(epoch, metric)
+        finally:
+            self._bookkeeping_only = False
         return True
 
     def save_checkpoint(self, epoch, metric=None):

@@ -295,7 +295,7 @@ def run_script(name: str, argv=None) -> None:
     if name != 'train.py':
         runpy.run_path(path, run_name='__main__')
         return
-    from .resume import Stopped, StopOnSignal
+    from .resume import Stopped, StopOnSignal, _say
     try:
         runpy.run_path(path, run_name='__main__')
     except BaseException as e:
@@ -303,7 +303,6 @@ def run_script(name: str, argv=None) -> None:
             raise
         if not isinstance(e, Stopped):  # the signal also ended the DataLoader's workers: train.py failed
             StopOnSignal.save_after_failure()
-        if os.environ.get('RANK', '0') == '0':
-            saved = StopOnSignal.saved or "none written at this stop: the last epoch's stands"
-            print(f'timm_gsop: stopped; checkpoint: {saved}. The same command continues the run', file=sys.stderr)
+        saved = StopOnSignal.saved or "none written at this stop: the last epoch's stands"
+        _say(f'stopped; checkpoint: {saved}. The same command continues the run')
         sys.exit(STOPPED)
